@@ -1,0 +1,75 @@
+use std::process::ExitCode;
+
+use clap::Parser;
+use outbox_cdc::config::{Cli, Command, LogFormat};
+use outbox_cdc::stats::Stats;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::watch;
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!("{err:#}");
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Run(args) => {
+            let config = args.resolve()?;
+            tracing::info!(
+                database = %config.source.database,
+                nats = %outbox_cdc::sink::redact_nats_url(config.sink.urls.expose()),
+                slot = %config.source.slot,
+                publication = %config.source.publication,
+                "starting outbox-cdc {}",
+                env!("CARGO_PKG_VERSION")
+            );
+            let stats = Stats::default();
+            let shutdown = shutdown_signal()?;
+            outbox_cdc::run::run(config, &stats, shutdown).await?;
+            Ok(())
+        }
+    }
+}
+
+/// Turns true on the first SIGTERM or SIGINT.
+fn shutdown_signal() -> anyhow::Result<watch::Receiver<bool>> {
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: finishing in-flight publishes, then stopping"),
+            _ = int.recv() => tracing::info!("SIGINT: finishing in-flight publishes, then stopping"),
+        }
+        let _ = tx.send(true);
+    });
+    Ok(rx)
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

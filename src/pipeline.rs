@@ -1,0 +1,443 @@
+//! The pipeline: WAL events in, JetStream publishes out, and the LSN that may be confirmed.
+//!
+//! ```text
+//!  ReplicationStream ──WalEvent──▶ decode ─▶ TableMapping ─▶ JetStreamSink::publish
+//!         ▲                                                       │ ack futures, in order
+//!         └──────── confirm(lsn) ◀── Watermark ◀──────────────────┘
+//! ```
+//!
+//! Invariants:
+//! - Publishes are issued in WAL order (transactions in commit order, rows in transaction order)
+//!   on one connection, and their acks are consumed in that same order.
+//! - At most `max_in_flight` publishes await their ack. A transaction larger than that streams
+//!   through; memory is bounded by the window, not by the transaction.
+//! - The confirmed LSN is the end LSN of the newest transaction whose every row is acked — never
+//!   more. With nothing in flight and no transaction open, it may also follow the server's
+//!   keepalive position, so that an idle outbox on a busy database does not pin WAL.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
+
+use async_nats::Subject;
+use async_nats::jetstream::context::{PublishAckFuture, PublishError};
+use async_nats::jetstream::publish::PublishAck;
+use futures::StreamExt;
+use futures::stream::FuturesOrdered;
+use tokio::sync::watch;
+
+use crate::Error;
+use crate::lsn::Lsn;
+use crate::mapping::{MappingConfig, TableMapping, TransactionContext};
+use crate::sink::{JetStreamSink, PublishLabel};
+use crate::source::pgoutput::{self, Message, SkippedKind};
+use crate::source::{ReplicationStream, SourceError, WalEvent};
+use crate::stats::Stats;
+
+/// Tracks which WAL position is safe to confirm.
+#[derive(Debug, Clone)]
+pub struct Watermark {
+    /// Publishes issued and acked in this session, counted in order.
+    published: u64,
+    acked: u64,
+    /// Commits whose rows are not all acked yet: (rows published up to this commit, end LSN, commit LSN).
+    pending: VecDeque<PendingCommit>,
+    in_transaction: bool,
+    confirmed: Lsn,
+    /// Commit LSN of the newest transaction that is fully acked (for operators to save).
+    last_acked_commit: Option<Lsn>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct PendingCommit {
+    published: u64,
+    end_lsn: Lsn,
+    commit_lsn: Lsn,
+}
+
+impl Watermark {
+    pub fn new(confirmed: Lsn) -> Self {
+        Watermark {
+            published: 0,
+            acked: 0,
+            pending: VecDeque::new(),
+            in_transaction: false,
+            confirmed,
+            last_acked_commit: None,
+        }
+    }
+
+    pub fn confirmed(&self) -> Lsn {
+        self.confirmed
+    }
+
+    pub fn last_acked_commit(&self) -> Option<Lsn> {
+        self.last_acked_commit
+    }
+
+    pub fn in_flight(&self) -> u64 {
+        self.published - self.acked
+    }
+
+    pub fn begin(&mut self) {
+        self.in_transaction = true;
+    }
+
+    pub fn published(&mut self) {
+        self.published += 1;
+    }
+
+    /// A transaction ended. Returns true when the confirmed LSN moved.
+    pub fn commit(&mut self, commit_lsn: Lsn, end_lsn: Lsn) -> bool {
+        self.in_transaction = false;
+        self.pending.push_back(PendingCommit {
+            published: self.published,
+            end_lsn,
+            commit_lsn,
+        });
+        self.advance()
+    }
+
+    /// The oldest outstanding publish was acked. Returns true when the confirmed LSN moved.
+    pub fn acked(&mut self) -> bool {
+        debug_assert!(self.acked < self.published, "more acks than publishes");
+        self.acked += 1;
+        self.advance()
+    }
+
+    /// The server has sent everything up to `wal_end`. With nothing in flight and no transaction
+    /// open, every event before `wal_end` is durable downstream, so it may be confirmed.
+    pub fn keepalive(&mut self, wal_end: Lsn) -> bool {
+        if self.in_transaction || self.acked != self.published || !self.pending.is_empty() {
+            return false;
+        }
+        self.raise(wal_end)
+    }
+
+    fn advance(&mut self) -> bool {
+        let mut moved = false;
+        while let Some(front) = self.pending.front().copied() {
+            if front.published > self.acked {
+                break;
+            }
+            self.pending.pop_front();
+            self.last_acked_commit = Some(front.commit_lsn);
+            moved |= self.raise(front.end_lsn);
+        }
+        moved
+    }
+
+    fn raise(&mut self, lsn: Lsn) -> bool {
+        if lsn > self.confirmed {
+            self.confirmed = lsn;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Why a session ended without an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionEnd {
+    /// Shutdown was requested and in-flight acks were drained (or timed out).
+    Shutdown { drained: bool },
+}
+
+#[derive(Debug)]
+pub struct PipelineSettings {
+    pub mapping: MappingConfig,
+    pub max_in_flight: usize,
+    pub shutdown_timeout: Duration,
+}
+
+type AckResult = Result<PublishAck, PublishError>;
+
+/// One replication session: runs until shutdown or the first error.
+pub struct Session<'a> {
+    settings: &'a PipelineSettings,
+    stream: ReplicationStream,
+    sink: &'a mut JetStreamSink,
+    stats: &'a Stats,
+    watermark: Watermark,
+    tables: HashMap<u32, TableMapping>,
+    in_flight: FuturesOrdered<std::pin::Pin<Box<dyn Future<Output = AckResult> + Send>>>,
+    labels: VecDeque<PublishLabel>,
+    transaction: Option<TransactionContext>,
+    row_index: u32,
+}
+
+impl<'a> Session<'a> {
+    pub fn new(
+        settings: &'a PipelineSettings,
+        stream: ReplicationStream,
+        sink: &'a mut JetStreamSink,
+        stats: &'a Stats,
+        confirmed: Lsn,
+    ) -> Self {
+        Session {
+            settings,
+            stream,
+            sink,
+            stats,
+            watermark: Watermark::new(confirmed),
+            tables: HashMap::new(),
+            in_flight: FuturesOrdered::new(),
+            labels: VecDeque::new(),
+            transaction: None,
+            row_index: 0,
+        }
+    }
+
+    pub fn confirmed(&self) -> Lsn {
+        self.watermark.confirmed()
+    }
+
+    /// Streams until `shutdown` turns true or something fails. The confirmed LSN reached is
+    /// returned with the outcome, so the next session can start from it.
+    pub async fn run(mut self, shutdown: &mut watch::Receiver<bool>) -> (Lsn, Result<SessionEnd, Error>) {
+        let result = self.stream_events(shutdown).await;
+        let result = match result {
+            Ok(()) => Ok(self.drain().await),
+            Err(err) => Err(err),
+        };
+        let confirmed = self.watermark.confirmed();
+        if let Ok(SessionEnd::Shutdown { .. }) = result {
+            self.stream
+                .finish(confirmed, self.settings.shutdown_timeout.max(Duration::from_secs(2)))
+                .await;
+        }
+        (confirmed, result)
+    }
+
+    async fn stream_events(&mut self, shutdown: &mut watch::Receiver<bool>) -> Result<(), Error> {
+        let window = self.settings.max_in_flight.max(1);
+        loop {
+            if *shutdown.borrow() {
+                return Ok(());
+            }
+            tokio::select! {
+                biased;
+                _ = shutdown.changed() => {}
+                _ = self.sink.disconnected() => return Err(crate::sink::SinkError::Disconnected.into()),
+                Some(ack) = self.in_flight.next(), if !self.in_flight.is_empty() => self.on_ack(ack).await?,
+                event = self.stream.next(), if self.in_flight.len() < window => self.on_event(event?).await?,
+            }
+        }
+    }
+
+    /// Waits for in-flight acks, bounded by the shutdown timeout.
+    async fn drain(&mut self) -> SessionEnd {
+        self.sink.flush().await;
+        let deadline = tokio::time::Instant::now() + self.settings.shutdown_timeout;
+        while let Ok(Some(ack)) = tokio::time::timeout_at(deadline, self.in_flight.next()).await {
+            if let Err(err) = self.on_ack(ack).await {
+                tracing::warn!(error = %err, "a publish failed during shutdown; it will be re-sent on the next start");
+                return SessionEnd::Shutdown { drained: false };
+            }
+        }
+        SessionEnd::Shutdown {
+            drained: self.in_flight.is_empty(),
+        }
+    }
+
+    async fn on_ack(&mut self, ack: AckResult) -> Result<(), Error> {
+        let label = self
+            .labels
+            .pop_front()
+            .expect("one label per in-flight publish");
+        match ack {
+            Ok(ack) => {
+                if ack.duplicate {
+                    self.stats.duplicates.inc();
+                } else {
+                    self.stats.published.inc();
+                }
+                if self.watermark.acked() {
+                    self.confirm();
+                }
+                Ok(())
+            }
+            Err(err) => Err(self.sink.ack_error(&label, err).await.into()),
+        }
+    }
+
+    async fn on_event(&mut self, event: WalEvent) -> Result<(), Error> {
+        match event {
+            WalEvent::Begin {
+                commit_lsn,
+                commit_time_micros,
+            } => {
+                self.watermark.begin();
+                self.transaction = Some(TransactionContext::new(commit_lsn, commit_time_micros));
+                self.row_index = 0;
+            }
+            WalEvent::Data(frame) => self.on_message(frame).await?,
+            WalEvent::Commit { end_lsn } => {
+                let commit_lsn = self
+                    .transaction
+                    .take()
+                    .map(|t| t.commit_lsn)
+                    .unwrap_or(end_lsn);
+                self.stats.transactions.inc();
+                if self.watermark.commit(commit_lsn, end_lsn) {
+                    self.confirm();
+                }
+            }
+            WalEvent::Keepalive { wal_end } => {
+                self.stats.server_wal_end.set(wal_end.as_u64());
+                if self.watermark.keepalive(wal_end) {
+                    self.confirm();
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn on_message(&mut self, frame: bytes::Bytes) -> Result<(), Error> {
+        let message = pgoutput::decode(&frame).map_err(|e| SourceError::Replication {
+            detail: e.to_string(),
+            transient: false,
+        })?;
+        match message {
+            Message::Relation(relation) => {
+                let mapping = TableMapping::bind(&self.settings.mapping, &relation)?;
+                tracing::debug!(table = %mapping.table(), relation_id = relation.id, "bound table mapping");
+                self.tables.insert(relation.id, mapping);
+            }
+            Message::Insert(insert) => {
+                let (Some(mapping), Some(txn)) =
+                    (self.tables.get(&insert.relation_id), self.transaction.as_ref())
+                else {
+                    return Err(SourceError::Replication {
+                        detail: format!(
+                            "insert for relation {} arrived without its Relation message or outside a transaction",
+                            insert.relation_id
+                        ),
+                        transient: false,
+                    }
+                    .into());
+                };
+                let event = mapping.map(&insert.tuple, &frame, txn, self.row_index)?;
+                self.row_index += 1;
+                let label = PublishLabel {
+                    subject: Subject::from(event.subject.as_str()),
+                    event_id: event.id.as_str().to_owned(),
+                    commit_lsn: txn.commit_lsn,
+                };
+                let ack: PublishAckFuture = self.sink.publish(event, &label).await?;
+                self.in_flight.push_back(Box::pin(ack.into_future()));
+                self.labels.push_back(label);
+                self.watermark.published();
+            }
+            Message::Skipped(kind) => {
+                self.stats.skipped(kind);
+                if let SkippedKind::Unknown(tag) = kind {
+                    tracing::warn!(tag = %char::from(tag), "skipped a pgoutput message of unknown type");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn confirm(&mut self) {
+        let lsn = self.watermark.confirmed();
+        self.stream.confirm(lsn);
+        self.stats.confirmed_lsn.set(lsn.as_u64());
+        if let Some(commit) = self.watermark.last_acked_commit() {
+            self.stats.last_acked_commit_lsn.set(commit.as_u64());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lsn(v: u64) -> Lsn {
+        Lsn::new(v)
+    }
+
+    #[test]
+    fn confirms_a_transaction_only_when_all_its_rows_are_acked() {
+        let mut w = Watermark::new(lsn(10));
+        w.begin();
+        w.published();
+        w.published();
+        assert!(!w.commit(lsn(20), lsn(21)));
+        assert_eq!(w.confirmed(), lsn(10));
+        assert!(!w.acked());
+        assert_eq!(w.confirmed(), lsn(10), "one of two rows acked");
+        assert!(w.acked());
+        assert_eq!(w.confirmed(), lsn(21));
+        assert_eq!(w.last_acked_commit(), Some(lsn(20)));
+    }
+
+    #[test]
+    fn confirms_in_commit_order_across_transactions() {
+        let mut w = Watermark::new(lsn(0));
+        for (commit, end) in [(100, 101), (200, 201), (300, 301)] {
+            w.begin();
+            w.published();
+            w.commit(lsn(commit), lsn(end));
+        }
+        assert_eq!(w.in_flight(), 3);
+        w.acked();
+        assert_eq!(w.confirmed(), lsn(101));
+        w.acked();
+        w.acked();
+        assert_eq!(w.confirmed(), lsn(301));
+        assert_eq!(w.in_flight(), 0);
+    }
+
+    #[test]
+    fn a_transaction_without_rows_confirms_once_earlier_ones_are_acked() {
+        let mut w = Watermark::new(lsn(0));
+        w.begin();
+        w.published();
+        w.commit(lsn(10), lsn(11));
+        w.begin();
+        assert!(!w.commit(lsn(20), lsn(21)), "empty txn waits for the one before it");
+        w.acked();
+        assert_eq!(w.confirmed(), lsn(21));
+    }
+
+    #[test]
+    fn a_large_transaction_confirms_nothing_until_its_commit() {
+        let mut w = Watermark::new(lsn(5));
+        w.begin();
+        for _ in 0..1000 {
+            w.published();
+            assert!(!w.acked());
+        }
+        assert_eq!(w.confirmed(), lsn(5), "rows acked, but the commit has not arrived");
+        assert!(!w.keepalive(lsn(999)), "no keepalive confirmation inside a transaction");
+        assert!(w.commit(lsn(50), lsn(51)));
+        assert_eq!(w.confirmed(), lsn(51));
+    }
+
+    #[test]
+    fn keepalives_confirm_only_when_idle() {
+        let mut w = Watermark::new(lsn(0));
+        assert!(w.keepalive(lsn(500)), "idle: follow the server");
+        assert_eq!(w.confirmed(), lsn(500));
+        w.begin();
+        w.published();
+        w.commit(lsn(600), lsn(601));
+        assert!(!w.keepalive(lsn(700)), "a publish is in flight");
+        w.acked();
+        assert_eq!(w.confirmed(), lsn(601));
+        assert!(w.keepalive(lsn(700)));
+        assert!(!w.keepalive(lsn(650)), "never moves back");
+        assert_eq!(w.confirmed(), lsn(700));
+    }
+
+    #[test]
+    fn never_moves_backwards() {
+        let mut w = Watermark::new(lsn(1000));
+        w.begin();
+        w.published();
+        w.commit(lsn(10), lsn(11));
+        assert!(!w.acked());
+        assert_eq!(w.confirmed(), lsn(1000));
+    }
+}

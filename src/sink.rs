@@ -1,0 +1,356 @@
+//! The NATS JetStream sink: publishes with headers and hands back the ack future, so the
+//! pipeline can keep many publishes in flight and consume their acks in order.
+//!
+//! One connection is one *session*: the client is built never to reconnect on its own. If the
+//! connection drops, publishes queued behind the lost ones would otherwise go out on the new
+//! connection and land in the stream before the lost ones are re-sent — out of commit order.
+//! Instead the sink reports the disconnect, the pipeline ends the session, and the next session
+//! re-sends from the slot's confirmed position on a fresh connection (JetStream drops what it
+//! already has by `Nats-Msg-Id`).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
+use async_nats::jetstream::{self, stream};
+use async_nats::{Event, Subject};
+use tokio::sync::watch;
+
+use crate::mapping::OutboxEvent;
+use crate::secret::Secret;
+
+/// Duplicate windows shorter than this warn at start: a restart or failover slower than the window
+/// would re-publish events JetStream no longer recognises.
+pub const MIN_SAFE_DUPLICATE_WINDOW: Duration = Duration::from_secs(5 * 60);
+
+#[derive(Debug, Clone)]
+pub struct SinkConfig {
+    /// Comma-separated server URLs; credentials in a URL are secret.
+    pub urls: Secret,
+    /// A stream to create when missing, capturing `capture_subjects`.
+    pub stream: Option<String>,
+    pub capture_subjects: Vec<String>,
+    pub duplicate_window: Duration,
+    pub ack_timeout: Duration,
+    pub max_in_flight: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("cannot connect to NATS at {target}: {detail}")]
+    Connect {
+        target: String,
+        detail: String,
+        transient: bool,
+    },
+    #[error("the NATS connection was lost")]
+    Disconnected,
+    #[error("JetStream stream setup: {0}")]
+    Stream(String),
+    #[error(
+        "no JetStream stream captures subject `{subject}` (event id `{event_id}`, commit LSN {commit_lsn}); \
+         create a stream for it (e.g. `nats stream add OUTBOX --subjects '{subject}'`) or start with --stream NAME"
+    )]
+    NoStream {
+        subject: String,
+        event_id: String,
+        commit_lsn: String,
+    },
+    #[error(
+        "event `{event_id}` (subject `{subject}`, commit LSN {commit_lsn}) is {size} bytes with headers, over the NATS \
+         server's max_payload of {max} bytes; raise max_payload on the server or make the event smaller"
+    )]
+    TooLarge {
+        event_id: String,
+        subject: String,
+        commit_lsn: String,
+        size: usize,
+        max: usize,
+    },
+    #[error("publishing event `{event_id}` (subject `{subject}`, commit LSN {commit_lsn}) failed: {detail}")]
+    Publish {
+        event_id: String,
+        subject: String,
+        commit_lsn: String,
+        detail: String,
+        transient: bool,
+    },
+}
+
+impl SinkError {
+    pub fn is_transient(&self) -> bool {
+        match self {
+            SinkError::Connect { transient, .. } | SinkError::Publish { transient, .. } => {
+                *transient
+            }
+            SinkError::Disconnected => true,
+            SinkError::Stream(_) | SinkError::NoStream { .. } | SinkError::TooLarge { .. } => {
+                false
+            }
+        }
+    }
+}
+
+/// NATS URLs with credentials hidden: `user:password@` becomes `user:***@`, and a token
+/// (`token@`) becomes `***@`. Works on comma-separated lists.
+pub fn redact_nats_url(urls: &str) -> String {
+    urls.split(',')
+        .map(|url| {
+            let url = url.trim();
+            let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+            let redacted = match rest.rsplit_once('@') {
+                Some((credentials, host)) => match credentials.split_once(':') {
+                    Some((user, _)) => format!("{user}:***@{host}"),
+                    None => format!("***@{host}"),
+                },
+                None => rest.to_owned(),
+            };
+            if scheme.is_empty() {
+                redacted
+            } else {
+                format!("{scheme}://{redacted}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Identifies a publish in error messages.
+#[derive(Debug, Clone)]
+pub struct PublishLabel {
+    pub subject: Subject,
+    pub event_id: String,
+    pub commit_lsn: crate::lsn::Lsn,
+}
+
+pub struct JetStreamSink {
+    context: jetstream::Context,
+    disconnected: watch::Receiver<bool>,
+}
+
+impl JetStreamSink {
+    /// Connects; one attempt (the caller retries with backoff).
+    pub async fn connect(config: &SinkConfig) -> Result<Self, SinkError> {
+        let target = redact_nats_url(config.urls.expose());
+        let (disconnected_tx, disconnected) = watch::channel(false);
+        let connected_once = Arc::new(AtomicBool::new(false));
+        let connected_flag = connected_once.clone();
+        let options = async_nats::ConnectOptions::new()
+            .name("outbox-cdc")
+            .connection_timeout(Duration::from_secs(5))
+            .event_callback(move |event| {
+                let disconnected_tx = disconnected_tx.clone();
+                let connected_flag = connected_flag.clone();
+                async move {
+                    match event {
+                        Event::Connected => connected_flag.store(true, Ordering::SeqCst),
+                        Event::Disconnected | Event::Closed => {
+                            let _ = disconnected_tx.send(true);
+                        }
+                        _ => {}
+                    }
+                }
+            })
+            // See the module doc: after the first connection, never reconnect inside a session.
+            .reconnect_delay_callback(move |_attempt| {
+                if connected_once.load(Ordering::SeqCst) {
+                    Duration::from_secs(365 * 24 * 3600)
+                } else {
+                    Duration::ZERO
+                }
+            });
+        let urls: Vec<&str> = config
+            .urls
+            .expose()
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .collect();
+        let client = options
+            .connect(urls.as_slice())
+            .await
+            .map_err(|err| SinkError::Connect {
+                target,
+                transient: !matches!(
+                    err.kind(),
+                    async_nats::ConnectErrorKind::Authentication
+                        | async_nats::ConnectErrorKind::AuthorizationViolation
+                        | async_nats::ConnectErrorKind::ServerParse
+                ),
+                detail: err.to_string(),
+            })?;
+        let context = jetstream::ContextBuilder::new()
+            .timeout(config.ack_timeout)
+            // Our window bounds in-flight publishes; the client's limit must not be the smaller one.
+            .max_ack_inflight(config.max_in_flight.max(1) + 64)
+            .backpressure_on_inflight(true)
+            .build(client);
+        Ok(JetStreamSink {
+            context,
+            disconnected,
+        })
+    }
+
+    /// Creates the configured stream if missing, then checks the duplicate window of the streams
+    /// that will receive our subjects.
+    pub async fn prepare(&self, config: &SinkConfig) -> Result<(), SinkError> {
+        if let Some(name) = &config.stream {
+            match self.context.get_stream(name).await {
+                Ok(_) => {}
+                Err(err)
+                    if matches!(err.kind(), jetstream::context::GetStreamErrorKind::JetStream(e)
+                        if e.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
+                {
+                    self.context
+                        .create_stream(stream::Config {
+                            name: name.clone(),
+                            subjects: config.capture_subjects.clone(),
+                            duplicate_window: config.duplicate_window,
+                            storage: stream::StorageType::File,
+                            ..Default::default()
+                        })
+                        .await
+                        .map_err(|e| SinkError::Stream(format!("creating stream `{name}`: {e}")))?;
+                    tracing::info!(stream = %name, subjects = ?config.capture_subjects,
+                        duplicate_window = ?config.duplicate_window, "created JetStream stream");
+                }
+                Err(err) => {
+                    return Err(SinkError::Stream(format!("reading stream `{name}`: {err}")));
+                }
+            }
+        }
+        let mut names = Vec::new();
+        if let Some(name) = &config.stream {
+            names.push(name.clone());
+        }
+        for subject in &config.capture_subjects {
+            if let Ok(name) = self.context.stream_by_subject(subject.clone()).await
+                && !names.contains(&name)
+            {
+                names.push(name);
+            }
+        }
+        if names.is_empty() {
+            tracing::warn!(subjects = ?config.capture_subjects,
+                "no JetStream stream captures the outbox subjects yet; publishing will fail until one does");
+        }
+        for name in names {
+            let mut stream = self
+                .context
+                .get_stream(&name)
+                .await
+                .map_err(|e| SinkError::Stream(format!("reading stream `{name}`: {e}")))?;
+            let info = stream
+                .info()
+                .await
+                .map_err(|e| SinkError::Stream(format!("reading stream `{name}`: {e}")))?;
+            let window = info.config.duplicate_window;
+            if window < MIN_SAFE_DUPLICATE_WINDOW {
+                tracing::warn!(stream = %name, duplicate_window = ?window,
+                    recommended = ?MIN_SAFE_DUPLICATE_WINDOW,
+                    "the stream's duplicate window is short: events re-sent after a restart or failover \
+                     that takes longer than this are stored twice; raise it (e.g. `nats stream edit {name} --dupe-window 10m`)");
+            } else {
+                tracing::info!(stream = %name, duplicate_window = ?window, "JetStream stream ready");
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends one event; the returned future resolves with JetStream's ack.
+    pub async fn publish(
+        &self,
+        event: OutboxEvent,
+        label: &PublishLabel,
+    ) -> Result<PublishAckFuture, SinkError> {
+        let size = event.payload.len();
+        let publish = jetstream::message::PublishMessage::build()
+            .payload(event.payload)
+            .headers(event.headers);
+        self.context
+            .send_publish(label.subject.clone(), publish)
+            .await
+            .map_err(|err| match err.kind() {
+                PublishErrorKind::MaxPayloadExceeded => SinkError::TooLarge {
+                    event_id: label.event_id.clone(),
+                    subject: label.subject.to_string(),
+                    commit_lsn: label.commit_lsn.to_string(),
+                    size,
+                    max: self.context.client().server_info().max_payload,
+                },
+                _ => self.publish_error(label, err.to_string(), true),
+            })
+    }
+
+    /// Turns a failed ack into an error that says what to do.
+    pub async fn ack_error(
+        &self,
+        label: &PublishLabel,
+        err: jetstream::context::PublishError,
+    ) -> SinkError {
+        match err.kind() {
+            // "No responders": a stream may be missing, or (in a cluster) briefly leaderless.
+            PublishErrorKind::StreamNotFound => {
+                match self.context.stream_by_subject(label.subject.to_string()).await {
+                    Err(e) if e.kind() == jetstream::context::GetStreamByNameErrorKind::NotFound => {
+                        SinkError::NoStream {
+                            subject: label.subject.to_string(),
+                            event_id: label.event_id.clone(),
+                            commit_lsn: label.commit_lsn.to_string(),
+                        }
+                    }
+                    _ => self.publish_error(label, err.to_string(), true),
+                }
+            }
+            PublishErrorKind::TimedOut => self.publish_error(label, "no ack within the ack timeout".into(), true),
+            _ => self.publish_error(label, err.to_string(), true),
+        }
+    }
+
+    fn publish_error(&self, label: &PublishLabel, detail: String, transient: bool) -> SinkError {
+        SinkError::Publish {
+            event_id: label.event_id.clone(),
+            subject: label.subject.to_string(),
+            commit_lsn: label.commit_lsn.to_string(),
+            detail,
+            transient,
+        }
+    }
+
+    /// Resolves when the connection has dropped (and never otherwise).
+    pub async fn disconnected(&mut self) {
+        if self.disconnected.wait_for(|lost| *lost).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+
+    /// Flushes what the client buffered, so that shutdown does not wait on unsent publishes.
+    pub async fn flush(&self) {
+        let _ = self.context.client().flush().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hides_nats_credentials() {
+        assert_eq!(
+            redact_nats_url("nats://alice:s3cret@h1:4222, tls://tok3n@h2:4222,h3:4222"),
+            "nats://alice:***@h1:4222,tls://***@h2:4222,h3:4222"
+        );
+    }
+
+    #[test]
+    fn classifies_errors() {
+        assert!(SinkError::Disconnected.is_transient());
+        assert!(!SinkError::NoStream {
+            subject: "a".into(),
+            event_id: "1".into(),
+            commit_lsn: "0/1".into()
+        }
+        .is_transient());
+    }
+}
