@@ -1,0 +1,527 @@
+//! Shared integration-test harness: real PostgreSQL and NATS servers, the real binary.
+//!
+//! By default every test starts its own throwaway servers (see `outbox_cdc::embedded`).
+//! `OUTBOX_CDC_TEST_DATABASE_URL` (a superuser URL on a server with wal_level=logical) and
+//! `OUTBOX_CDC_TEST_NATS_URL` point the tests at existing servers instead; each test then works
+//! in a database, stream and subject prefix of its own. With the `testcontainers` feature and
+//! `OUTBOX_CDC_TEST_BACKEND=testcontainers`, the servers run in Docker containers.
+
+#![allow(dead_code)]
+
+use std::collections::HashSet;
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, consumer, stream};
+use futures::StreamExt;
+use outbox_cdc::embedded::{EmbeddedNats, EmbeddedPostgres, PostgresOptions};
+use tokio_postgres::NoTls;
+
+#[cfg(feature = "testcontainers")]
+mod containers;
+
+pub const OUTBOX_SQL: &str = include_str!("../../sql/outbox.sql");
+
+/// A name no other test (or earlier run on a shared server) uses.
+pub fn unique(prefix: &str) -> String {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!(
+        "{prefix}_{}_{}_{nanos:x}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+enum Backend {
+    Embedded(Box<EmbeddedPostgres>),
+    External,
+    #[cfg(feature = "testcontainers")]
+    Containers(containers::Running),
+}
+
+/// One test's servers: a database with the outbox table, and a NATS server.
+pub struct TestEnv {
+    _postgres: Backend,
+    nats: Option<EmbeddedNats>,
+    /// Superuser URL of the test's database.
+    pub database_url: String,
+    pub nats_url: String,
+    pub database: String,
+    /// Literal first token of every subject in this test, e.g. `t_123_0_abc`.
+    pub subject_prefix: String,
+    /// A JetStream stream name of this test's own.
+    pub stream: String,
+}
+
+impl TestEnv {
+    /// Servers with default settings and the recommended outbox table and publication.
+    pub async fn start() -> TestEnv {
+        let env = Self::start_bare(PostgresOptions::default()).await;
+        env.sql().await.batch_execute(OUTBOX_SQL).await.expect("create outbox");
+        env
+    }
+
+    /// Servers with an empty database.
+    pub async fn start_bare(options: PostgresOptions) -> TestEnv {
+        let subject_prefix = unique("t");
+        let stream = unique("S").to_uppercase();
+        #[cfg(feature = "testcontainers")]
+        if std::env::var("OUTBOX_CDC_TEST_BACKEND").as_deref() == Ok("testcontainers") {
+            let running = containers::Running::start().await;
+            let database_url = running.database_url.clone();
+            let nats_url = running.nats_url.clone();
+            return TestEnv {
+                _postgres: Backend::Containers(running),
+                nats: None,
+                database_url,
+                nats_url,
+                database: "postgres".into(),
+                subject_prefix,
+                stream,
+            };
+        }
+        let external_pg = std::env::var("OUTBOX_CDC_TEST_DATABASE_URL").ok();
+        let uses_defaults = options.wal_level == "logical"
+            && options.settings.is_empty()
+            && options.password_user.is_none();
+        let (postgres, database_url, database) = match external_pg {
+            Some(url) if uses_defaults => {
+                let database = unique("outbox_test");
+                let (admin, conn) = tokio_postgres::connect(&url, NoTls)
+                    .await
+                    .expect("connect to OUTBOX_CDC_TEST_DATABASE_URL");
+                tokio::spawn(conn);
+                admin
+                    .batch_execute(&format!("CREATE DATABASE {database}"))
+                    .await
+                    .expect("create test database");
+                let mut parsed = url::Url::parse(&url).expect("OUTBOX_CDC_TEST_DATABASE_URL");
+                parsed.set_path(&database);
+                (Backend::External, parsed.to_string(), database)
+            }
+            _ => {
+                let pg = tokio::task::spawn_blocking(move || EmbeddedPostgres::start(options))
+                    .await
+                    .expect("join")
+                    .unwrap_or_else(|e| panic!("start PostgreSQL: {e}"));
+                let url = pg.url("postgres");
+                (Backend::Embedded(Box::new(pg)), url, "postgres".to_owned())
+            }
+        };
+        let (nats, nats_url) = match std::env::var("OUTBOX_CDC_TEST_NATS_URL") {
+            Ok(url) => (None, url),
+            Err(_) => {
+                let nats = tokio::task::spawn_blocking(EmbeddedNats::start)
+                    .await
+                    .expect("join")
+                    .unwrap_or_else(|e| panic!("start NATS: {e}"));
+                let url = nats.url();
+                (Some(nats), url)
+            }
+        };
+        TestEnv {
+            _postgres: postgres,
+            nats,
+            database_url,
+            nats_url,
+            database,
+            subject_prefix,
+            stream,
+        }
+    }
+
+    pub fn embedded_postgres(&self) -> Option<&EmbeddedPostgres> {
+        match &self._postgres {
+            Backend::Embedded(pg) => Some(pg),
+            _ => None,
+        }
+    }
+
+    pub fn embedded_nats(&mut self) -> Option<&mut EmbeddedNats> {
+        self.nats.as_mut()
+    }
+
+    pub async fn sql(&self) -> tokio_postgres::Client {
+        let (client, conn) = tokio_postgres::connect(&self.database_url, NoTls)
+            .await
+            .expect("connect to the test database");
+        tokio::spawn(conn);
+        client
+    }
+
+    pub async fn jetstream(&self) -> jetstream::Context {
+        let client = async_nats::connect(&self.nats_url).await.expect("connect to NATS");
+        jetstream::new(client)
+    }
+
+    /// The subject template every test uses: `<prefix>.{aggregate_type}.{event_type}`.
+    pub fn subject_template(&self) -> String {
+        format!("{}.{{aggregate_type}}.{{event_type}}", self.subject_prefix)
+    }
+
+    /// Creates the test's stream capturing `<prefix>.>`.
+    pub async fn create_stream(&self) -> stream::Stream {
+        self.jetstream()
+            .await
+            .create_stream(stream::Config {
+                name: self.stream.clone(),
+                subjects: vec![format!("{}.>", self.subject_prefix)],
+                duplicate_window: Duration::from_secs(600),
+                ..Default::default()
+            })
+            .await
+            .expect("create stream")
+    }
+
+    /// Arguments every publisher in a test gets.
+    pub fn publisher_args(&self) -> Vec<String> {
+        vec![
+            "--database-url".into(),
+            self.database_url.clone(),
+            "--nats-url".into(),
+            self.nats_url.clone(),
+            "--subject-template".into(),
+            self.subject_template(),
+            "--status-interval".into(),
+            "200ms".into(),
+        ]
+    }
+
+    /// Starts the publisher with the common arguments plus `extra`.
+    pub fn publisher(&self, extra: &[&str]) -> Publisher {
+        let mut args = self.publisher_args();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Publisher::start(&args)
+    }
+
+    /// Creates a `test_decoding` slot: the independent record of what committed, in order.
+    pub async fn oracle(&self) -> Oracle {
+        let slot = unique("oracle");
+        self.sql()
+            .await
+            .execute(
+                "SELECT pg_create_logical_replication_slot($1, 'test_decoding')",
+                &[&slot],
+            )
+            .await
+            .expect("create oracle slot");
+        Oracle { slot }
+    }
+
+    /// The outbox slot's confirmed flush position.
+    pub async fn confirmed_flush_lsn(&self, slot: &str) -> Option<u64> {
+        let row = self
+            .sql()
+            .await
+            .query_opt(
+                "SELECT (confirmed_flush_lsn - '0/0')::bigint FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await
+            .expect("read slot");
+        row.and_then(|r| r.get::<_, Option<i64>>(0)).map(|v| v as u64)
+    }
+}
+
+/// Inserts `count` events in transactions of `per_txn` rows, as one writer.
+pub async fn write_events(
+    client: &tokio_postgres::Client,
+    writer: &str,
+    count: usize,
+    per_txn: usize,
+) {
+    let mut written = 0;
+    while written < count {
+        let n = per_txn.min(count - written) as i32;
+        client
+            .execute(
+                "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload, headers)
+                 SELECT 'order', $1 || '-' || g, 'created',
+                        jsonb_build_object('writer', $1::text, 'n', g),
+                        jsonb_build_object('writer', $1::text)
+                   FROM generate_series(1, $2::int) g",
+                &[&writer, &n],
+            )
+            .await
+            .expect("insert events");
+        written += n as usize;
+    }
+}
+
+/// The `test_decoding` view of committed outbox inserts.
+pub struct Oracle {
+    slot: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommittedRow {
+    pub id: String,
+    /// End LSN of the row's transaction (test_decoding reports it on COMMIT).
+    pub commit_end: u64,
+}
+
+impl Oracle {
+    /// Every committed outbox insert so far, in commit order.
+    pub async fn rows(&self, env: &TestEnv) -> Vec<CommittedRow> {
+        let rows = env
+            .sql()
+            .await
+            .query(
+                "SELECT (lsn - '0/0')::bigint, data FROM pg_logical_slot_peek_changes($1, NULL, NULL)",
+                &[&self.slot],
+            )
+            .await
+            .expect("read oracle slot");
+        let mut committed = Vec::new();
+        let mut open: Vec<String> = Vec::new();
+        for row in rows {
+            let lsn: i64 = row.get(0);
+            let data: String = row.get(1);
+            if data.starts_with("BEGIN") {
+                open.clear();
+            } else if data.starts_with("COMMIT") {
+                committed.extend(open.drain(..).map(|id| CommittedRow {
+                    id,
+                    commit_end: lsn as u64,
+                }));
+            } else if data.contains(".outbox: INSERT:") {
+                let id = data
+                    .split_once("id[uuid]:'")
+                    .and_then(|(_, rest)| rest.split_once('\''))
+                    .map(|(id, _)| id.to_owned())
+                    .expect("an id in the oracle row");
+                open.push(id);
+            }
+        }
+        committed
+    }
+}
+
+/// The `outbox-cdc run` process, its log captured to a file.
+pub struct Publisher {
+    child: Option<Child>,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Publisher {
+    pub fn start(args: &[String]) -> Publisher {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = dir.path().join("publisher.log");
+        let file = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_outbox-cdc"))
+            .arg("run")
+            .args(args)
+            .env("RUST_LOG", "info,outbox_cdc=debug")
+            .env_remove("DATABASE_URL")
+            .env_remove("NATS_URL")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().expect("log file"))
+            .stderr(file)
+            .spawn()
+            .expect("start outbox-cdc");
+        Publisher {
+            child: Some(child),
+            log,
+            _dir: dir,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    pub fn log(&self) -> String {
+        let mut text = String::new();
+        if let Ok(mut f) = std::fs::File::open(&self.log) {
+            let _ = f.read_to_string(&mut text);
+        }
+        text
+    }
+
+    /// Waits until the log contains `needle`; panics with the log otherwise.
+    pub async fn wait_for_log(&self, needle: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.log().contains(needle) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("publisher log never contained {needle:?}; log:\n{}", self.log());
+    }
+
+    /// SIGKILL: a crash.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, then waits for the exit.
+    pub async fn terminate(&mut self, timeout: Duration) -> ExitStatus {
+        if let Some(child) = &self.child {
+            // SAFETY: sending a signal to our own child process.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        }
+        self.wait_exit(timeout).await
+    }
+
+    /// Waits for the process to exit on its own.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        let child = self.child.as_mut().expect("publisher is running");
+        loop {
+            if let Some(status) = child.try_wait().expect("wait for publisher") {
+                self.child = None;
+                return status;
+            }
+            if Instant::now() > deadline {
+                panic!("publisher did not exit within {timeout:?}; log:\n{}", self.log());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(child) => child.try_wait().ok().flatten().is_none(),
+            None => false,
+        }
+    }
+
+    /// Peak resident memory (VmHWM) in KiB, while the process runs.
+    pub fn peak_rss_kib(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).ok()?;
+        status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+    }
+}
+
+impl Drop for Publisher {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Waits until the stream holds `count` messages; panics (showing `context`) after `timeout`.
+pub async fn wait_for_messages(
+    js: &jetstream::Context,
+    stream: &str,
+    count: u64,
+    timeout: Duration,
+    context: impl Fn() -> String,
+) {
+    let deadline = Instant::now() + timeout;
+    let mut last = 0;
+    while Instant::now() < deadline {
+        if let Ok(mut s) = js.get_stream(stream).await
+            && let Ok(info) = s.info().await
+        {
+            last = info.state.messages;
+            if last >= count {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!(
+        "stream {stream} holds {last} of {count} messages after {timeout:?}\n{}",
+        context()
+    );
+}
+
+pub async fn stream_message_count(js: &jetstream::Context, stream: &str) -> u64 {
+    match js.get_stream(stream).await {
+        Ok(mut s) => s.info().await.map(|i| i.state.messages).unwrap_or(0),
+        Err(_) => 0,
+    }
+}
+
+/// One stored message, as a subscriber sees it.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub subject: String,
+    pub id: String,
+    pub headers: Vec<(String, String)>,
+    pub payload: bytes::Bytes,
+}
+
+/// Reads every message of the stream in stream order.
+pub async fn read_stream(js: &jetstream::Context, stream: &str) -> Vec<Received> {
+    let total = stream_message_count(js, stream).await as usize;
+    let consumer = js
+        .get_stream(stream)
+        .await
+        .expect("stream")
+        .create_consumer(consumer::pull::OrderedConfig::default())
+        .await
+        .expect("ordered consumer");
+    let mut messages = consumer.messages().await.expect("messages");
+    let mut out = Vec::with_capacity(total);
+    while out.len() < total {
+        let message = tokio::time::timeout(Duration::from_secs(30), messages.next())
+            .await
+            .expect("reading the stream timed out")
+            .expect("stream ended")
+            .expect("message");
+        let headers: Vec<(String, String)> = message
+            .headers
+            .as_ref()
+            .map(|h| {
+                h.iter()
+                    .flat_map(|(k, vs)| vs.iter().map(move |v| (k.to_string(), v.to_string())))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let id = headers
+            .iter()
+            .find(|(k, _)| k == "Nats-Msg-Id")
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default();
+        out.push(Received {
+            subject: message.subject.to_string(),
+            id,
+            headers,
+            payload: message.payload.clone(),
+        });
+    }
+    out
+}
+
+/// Asserts the stream is exactly the oracle's rows, once each, in commit order.
+pub fn assert_exactly_once_in_order(stream: &[Received], oracle: &[CommittedRow]) {
+    let ids: Vec<&str> = stream.iter().map(|m| m.id.as_str()).collect();
+    let unique: HashSet<&str> = ids.iter().copied().collect();
+    assert_eq!(unique.len(), ids.len(), "the stream holds duplicates");
+    let expected: Vec<&str> = oracle.iter().map(|r| r.id.as_str()).collect();
+    let missing = expected.iter().filter(|id| !unique.contains(*id)).count();
+    assert_eq!(missing, 0, "{missing} committed events are missing from the stream");
+    assert_eq!(ids.len(), expected.len(), "the stream holds events the oracle does not");
+    if let Some(i) = ids.iter().zip(&expected).position(|(a, b)| a != b) {
+        panic!(
+            "stream order differs from commit order at position {i}: stream has {}, commit order has {}",
+            ids[i], expected[i]
+        );
+    }
+}
+
+/// Counts committed rows whose transaction ended at or before `lsn`.
+pub fn rows_committed_through(oracle: &[CommittedRow], lsn: u64) -> usize {
+    oracle.iter().take_while(|r| r.commit_end <= lsn).count()
+}
+
+pub fn exit_code(status: ExitStatus) -> Option<i32> {
+    status.code()
+}
