@@ -182,7 +182,7 @@ impl EmbeddedPostgres {
         if options.password_user.is_some() {
             std::fs::write(
                 data.join("pg_hba.conf"),
-                "local all all trust\nhost all all 127.0.0.1/32 scram-sha-256\nhost replication all 127.0.0.1/32 scram-sha-256\n",
+                "local all all trust\nhost all postgres 127.0.0.1/32 trust\nhost all all 127.0.0.1/32 scram-sha-256\nhost replication all 127.0.0.1/32 scram-sha-256\n",
             )
             .map_err(io("writing pg_hba.conf"))?;
         }

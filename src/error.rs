@@ -11,7 +11,7 @@ pub enum Error {
     Source(#[from] SourceError),
     #[error(transparent)]
     Sink(#[from] SinkError),
-    #[error("{0}; fix the row's data or the mapping flags (dead-letter routing is not available yet)")]
+    #[error(transparent)]
     Unmappable(#[from] UnmappableRow),
     #[error(transparent)]
     Schema(#[from] MissingColumn),

@@ -421,7 +421,8 @@ pub struct OutboxEvent {
 /// A row that cannot become a message; never dropped silently.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "cannot map outbox row (event id `{event_id}`, table `{table}`, subject {}, commit LSN {commit_lsn}): {reason}",
+    "cannot map outbox row (event id `{event_id}`, table `{table}`, subject {}, commit LSN {commit_lsn}): {reason}. \
+     The row is not skipped: fix its data (or the mapping flags) and restart",
     subject.as_deref().map(|s| format!("`{s}`")).unwrap_or_else(|| "unknown".into())
 )]
 pub struct UnmappableRow {

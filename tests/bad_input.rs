@@ -1,0 +1,162 @@
+//! Bad configuration and bad data meet a clear error, asserted on its text.
+
+mod support;
+
+use std::time::Duration;
+
+use outbox_cdc::embedded::PostgresOptions;
+use support::*;
+
+/// Runs the publisher until it exits by itself; returns its log.
+async fn run_to_failure(env: &TestEnv, extra: &[&str]) -> String {
+    let mut publisher = env.publisher(extra);
+    let status = publisher.wait_exit(Duration::from_secs(60)).await;
+    let log = publisher.log();
+    assert_eq!(status.code(), Some(1), "must exit with status 1; log:\n{log}");
+    log
+}
+
+fn assert_contains(log: &str, needle: &str) {
+    assert!(log.contains(needle), "expected {needle:?} in:\n{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wal_level_not_logical() {
+    let env = TestEnv::start_bare(PostgresOptions {
+        wal_level: "replica",
+        ..Default::default()
+    })
+    .await;
+    let log = run_to_failure(&env, &[]).await;
+    assert_contains(&log, "PostgreSQL has wal_level = replica");
+    assert_contains(&log, "ALTER SYSTEM SET wal_level = logical");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_publication() {
+    let env = TestEnv::start_bare(PostgresOptions::default()).await;
+    let log = run_to_failure(&env, &["--publication", "nope"]).await;
+    assert_contains(&log, "publication `nope` does not exist");
+    assert_contains(&log, "CREATE PUBLICATION nope FOR TABLE");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configured_column_missing_from_the_table() {
+    let env = TestEnv::start().await;
+    let log = run_to_failure(&env, &["--payload-column", "body"]).await;
+    assert_contains(&log, "table `public.outbox` has no column `body` (configured by --payload-column)");
+    assert_contains(
+        &log,
+        "its columns are: id, aggregate_type, aggregate_id, event_type, payload, headers, created_at",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slot_created_with_another_plugin() {
+    let env = TestEnv::start().await;
+    env.sql()
+        .await
+        .execute("SELECT pg_create_logical_replication_slot('outbox_cdc', 'test_decoding')", &[])
+        .await
+        .unwrap();
+    let log = run_to_failure(&env, &[]).await;
+    assert_contains(&log, "replication slot `outbox_cdc` uses the `test_decoding` plugin");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_slot_with_no_create_slot() {
+    let env = TestEnv::start().await;
+    let log = run_to_failure(&env, &["--no-create-slot"]).await;
+    assert_contains(&log, "replication slot `outbox_cdc` does not exist and --no-create-slot is set");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_stream_for_the_subject() {
+    let env = TestEnv::start().await;
+    let mut publisher = env.publisher(&[]);
+    publisher
+        .wait_for_log("this instance is the leader", Duration::from_secs(30))
+        .await;
+    let id: String = env
+        .sql()
+        .await
+        .query_one(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)
+             VALUES ('invoice', '1', 'paid', '{}') RETURNING id::text",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let status = publisher.wait_exit(Duration::from_secs(60)).await;
+    let log = publisher.log();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert_contains(
+        &log,
+        &format!("no JetStream stream captures subject `{}.invoice.paid`", env.subject_prefix),
+    );
+    assert_contains(&log, &format!("event id `{id}`"));
+    assert_contains(&log, "commit LSN");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_nats_is_retried_with_backoff() {
+    let env = TestEnv::start().await;
+    let port = outbox_cdc::embedded::free_port().unwrap();
+    let url = format!("nats://127.0.0.1:{port}");
+    let mut args = env.publisher_args();
+    let i = args.iter().position(|a| a == "--nats-url").unwrap();
+    args[i + 1] = url;
+    let mut publisher = Publisher::start(&args);
+    publisher
+        .wait_for_log("cannot connect to NATS at nats://127.0.0.1", Duration::from_secs(30))
+        .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while publisher.log().matches("retrying with backoff").count() < 3 {
+        assert!(std::time::Instant::now() < deadline, "{}", publisher.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(publisher.is_running(), "keeps retrying instead of exiting");
+    let status = publisher.terminate(Duration::from_secs(30)).await;
+    assert!(status.success(), "SIGTERM during backoff exits 0:\n{}", publisher.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_headers_json_stops_with_the_event_named() {
+    let env = TestEnv::start().await;
+    env.create_stream().await;
+    let mut publisher = env.publisher(&[]);
+    publisher
+        .wait_for_log("this instance is the leader", Duration::from_secs(30))
+        .await;
+    let id: String = env
+        .sql()
+        .await
+        .query_one(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload, headers)
+             VALUES ('order', '1', 'created', '{}', '[1, 2]') RETURNING id::text",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let status = publisher.wait_exit(Duration::from_secs(60)).await;
+    let log = publisher.log();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert_contains(&log, &format!("event id `{id}`"));
+    assert_contains(&log, "headers column `headers` must hold a JSON object, found an array");
+
+    // The row is never skipped: a restart stops at the same row again.
+    let log = run_to_failure(&env, &[]).await;
+    assert_contains(&log, &format!("event id `{id}`"));
+    assert_eq!(stream_message_count(&env.jetstream().await, &env.stream).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_flags_are_rejected_before_connecting() {
+    let env = TestEnv::start().await;
+    let mut publisher = env.publisher(&["--slot", "Not-Valid"]);
+    let status = publisher.wait_exit(Duration::from_secs(30)).await;
+    assert_eq!(status.code(), Some(2), "usage errors exit 2");
+    assert_contains(&publisher.log(), "invalid slot name `Not-Valid`");
+}
