@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::lsn::Lsn;
 use crate::mapping::{DEFAULT_SUBJECT_TEMPLATE, MappingConfig, SubjectTemplate};
 use crate::pipeline::PipelineSettings;
 use crate::secret::Secret;
@@ -13,7 +14,11 @@ use crate::source::connection::{DatabaseUrl, DatabaseUrlError};
 use crate::source::{PublicationName, SlotName, SourceConfig};
 
 #[derive(Debug, Parser)]
-#[command(name = "outbox-cdc", version, about = "Publishes a PostgreSQL outbox table to NATS JetStream from the WAL, in commit order.")]
+#[command(
+    name = "outbox-cdc",
+    version,
+    about = "Publishes a PostgreSQL outbox table to NATS JetStream from the WAL, in commit order."
+)]
 pub struct Cli {
     /// Log format: `text` for people, `json` for log pipelines. The level comes from RUST_LOG
     /// (default `info`).
@@ -34,6 +39,12 @@ pub enum LogFormat {
 pub enum Command {
     /// Stream inserted outbox rows to JetStream until stopped (SIGTERM/SIGINT).
     Run(Box<RunArgs>),
+    /// Try it: throwaway PostgreSQL and NATS, a sample producer and a subscriber, live.
+    Demo(crate::demo::DemoArgs),
+    /// Check the server and create what is missing: outbox table, publication, slot.
+    Setup(crate::admin::SetupArgs),
+    /// Show the slot: holder, confirmed and restart LSN, lag in bytes, wal_status.
+    Status(crate::admin::StatusArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -110,6 +121,50 @@ pub struct RunArgs {
     /// How long shutdown waits for in-flight acks.
     #[arg(long, env = "OUTBOX_CDC_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
+
+    /// Skip transactions that committed before this LSN (`X/Y`). Fails when the slot can no
+    /// longer serve it; see --replay-window.
+    #[arg(long, env = "OUTBOX_CDC_START_LSN")]
+    pub start_lsn: Option<Lsn>,
+
+    /// Hold the slot's confirmed LSN back by this long, so the WAL of that period stays available
+    /// to --start-lsn. Progress is then checkpointed in a NATS KV bucket.
+    #[arg(long, env = "OUTBOX_CDC_REPLAY_WINDOW", default_value = "0s", value_parser = parse_duration)]
+    pub replay_window: Duration,
+
+    /// KV bucket of the checkpoint (used with --replay-window); the key is the slot name.
+    #[arg(
+        long,
+        env = "OUTBOX_CDC_CHECKPOINT_BUCKET",
+        default_value = "outbox_cdc"
+    )]
+    pub checkpoint_bucket: String,
+
+    /// Address for /healthz, /readyz and /metrics (`off` disables it; port 0 picks a free one).
+    #[arg(long, env = "OUTBOX_CDC_HTTP_ADDR", default_value = "127.0.0.1:9187", value_parser = parse_http_addr)]
+    pub http_addr: HttpAddr,
+}
+
+/// Where the HTTP endpoint listens, if anywhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpAddr(pub Option<std::net::SocketAddr>);
+
+fn parse_http_addr(text: &str) -> Result<HttpAddr, String> {
+    if text == "off" {
+        return Ok(HttpAddr(None));
+    }
+    text.parse()
+        .map(|addr| HttpAddr(Some(addr)))
+        .map_err(|e| format!("`{text}` is not an address like 127.0.0.1:9187 or off: {e}"))
+}
+
+/// The flag's (or `OUTBOX_CDC_DATABASE_URL`'s) value, else `DATABASE_URL`, parsed.
+pub fn resolve_database_url(flag: Option<String>) -> Result<DatabaseUrl, ConfigError> {
+    let url = flag
+        .filter(|u| !u.is_empty())
+        .or_else(|| std::env::var("DATABASE_URL").ok().filter(|u| !u.is_empty()))
+        .ok_or(ConfigError::NoDatabaseUrl)?;
+    Ok(url.parse()?)
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -119,7 +174,9 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("no PostgreSQL URL: pass --database-url or set OUTBOX_CDC_DATABASE_URL or DATABASE_URL")]
+    #[error(
+        "no PostgreSQL URL: pass --database-url or set OUTBOX_CDC_DATABASE_URL or DATABASE_URL"
+    )]
     NoDatabaseUrl,
     #[error(transparent)]
     DatabaseUrl(#[from] DatabaseUrlError),
@@ -136,16 +193,34 @@ pub struct RunConfig {
     pub sink: SinkConfig,
     pub pipeline: PipelineSettings,
     pub standby_retry: Duration,
+    pub http_addr: Option<std::net::SocketAddr>,
+    pub replay: ReplayConfig,
+}
+
+/// Where to start and how much history to keep.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplayConfig {
+    pub start_lsn: Option<Lsn>,
+    pub window: Duration,
+    pub checkpoint_bucket: String,
 }
 
 impl RunArgs {
+    /// Parses `run` flags given in code (defaults and environment apply as on the command line).
+    pub fn from_flags<'a>(
+        flags: impl IntoIterator<Item = &'a str>,
+    ) -> Result<RunArgs, clap::Error> {
+        #[derive(Parser)]
+        struct RunOnly {
+            #[command(flatten)]
+            args: RunArgs,
+        }
+        let argv = std::iter::once("outbox-cdc").chain(flags);
+        RunOnly::try_parse_from(argv).map(|only| only.args)
+    }
+
     pub fn resolve(self) -> Result<RunConfig, ConfigError> {
-        let database_url = self
-            .database_url
-            .filter(|u| !u.is_empty())
-            .or_else(|| std::env::var("DATABASE_URL").ok().filter(|u| !u.is_empty()))
-            .ok_or(ConfigError::NoDatabaseUrl)?;
-        let database: DatabaseUrl = database_url.parse()?;
+        let database = resolve_database_url(self.database_url)?;
         let nats_url = self
             .nats_url
             .filter(|u| !u.is_empty())
@@ -196,6 +271,12 @@ impl RunArgs {
                 shutdown_timeout: self.shutdown_timeout,
             },
             standby_retry: self.standby_retry,
+            http_addr: self.http_addr.0,
+            replay: ReplayConfig {
+                start_lsn: self.start_lsn,
+                window: self.replay_window,
+                checkpoint_bucket: self.checkpoint_bucket,
+            },
         })
     }
 }
@@ -213,6 +294,7 @@ mod tests {
     fn run_args(cli: Cli) -> RunArgs {
         match cli.command {
             Command::Run(args) => *args,
+            other => panic!("not a run command: {other:?}"),
         }
     }
 
@@ -236,7 +318,10 @@ mod tests {
             (vec!["--slot", "Bad-Slot"], "invalid slot name"),
             (vec!["--status-interval", "soon"], "not a duration"),
             (vec!["--max-in-flight", "0"], "max-in-flight"),
-            (vec!["--subject-template", "a.{"], "invalid subject template"),
+            (
+                vec!["--subject-template", "a.{"],
+                "invalid subject template",
+            ),
         ] {
             let err = parse(&args).unwrap_err().to_string();
             assert!(err.contains(needle), "{args:?}: {err}");

@@ -4,6 +4,7 @@
 
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -149,13 +150,22 @@ impl EmbeddedPostgres {
             .map_err(io("creating a temporary directory"))?;
         if run_as_postgres {
             // initdb and postgres refuse to run as root: hand the directory to `postgres`.
-            run(Command::new("chown").arg("postgres:").arg(dir.path()), "chown of the PostgreSQL directory")?;
+            run(
+                Command::new("chown").arg("postgres:").arg(dir.path()),
+                "chown of the PostgreSQL directory",
+            )?;
         }
         let data = dir.path().join("data");
         let mut init = pg_command(run_as_postgres, &initdb);
-        init.arg("-D")
-            .arg(&data)
-            .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync", "--locale=C"]);
+        init.arg("-D").arg(&data).args([
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--no-sync",
+            "--locale=C",
+        ]);
         run(&mut init, "initdb")?;
 
         let port = free_port()?;
@@ -166,7 +176,10 @@ impl EmbeddedPostgres {
         let mut lines = vec![
             ("port".to_owned(), port.to_string()),
             ("listen_addresses".into(), "'127.0.0.1'".into()),
-            ("unix_socket_directories".into(), format!("'{}'", dir.path().display())),
+            (
+                "unix_socket_directories".into(),
+                format!("'{}'", dir.path().display()),
+            ),
             ("wal_level".into(), options.wal_level.into()),
             ("max_wal_senders".into(), "20".into()),
             ("max_replication_slots".into(), "20".into()),
@@ -217,7 +230,9 @@ impl EmbeddedPostgres {
             .arg(self.data_dir())
             .arg("-l")
             .arg(self.log_path())
-            .args(["-w", "-t", "60", "start"]);
+            .args(["-w", "-t", "60", "start"])
+            // Own process group: a Ctrl-C meant for the caller must not stop the server first.
+            .process_group(0);
         run(&mut start, "pg_ctl start").map_err(|e| self.with_log(e))
     }
 
@@ -253,7 +268,17 @@ impl EmbeddedPostgres {
     pub fn psql(&self, sql: &str) -> Result<String, EmbeddedError> {
         let psql = find_postgres_binary("psql")?;
         let output = Command::new(psql)
-            .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-U", "postgres", "-h"])
+            .args([
+                "-X",
+                "-q",
+                "-A",
+                "-t",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-U",
+                "postgres",
+                "-h",
+            ])
             .arg(self.socket_dir())
             .args(["-p", &self.port.to_string(), "-d", "postgres", "-c", sql])
             .output()
@@ -366,6 +391,7 @@ impl EmbeddedNats {
         let child = Command::new(&self.binary)
             .arg("-c")
             .arg(&config)
+            .process_group(0)
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(io("creating the NATS log"))?)
             .stderr(log)

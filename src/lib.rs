@@ -4,9 +4,12 @@
 //! ack-gated LSN confirmation) → [`sink`] (JetStream), with [`mapping`] turning rows into
 //! messages. [`run`] supervises sessions: reconnects, standby, shutdown.
 
+pub mod admin;
 pub mod config;
+pub mod demo;
 pub mod embedded;
 mod error;
+pub mod http;
 pub mod lsn;
 pub mod mapping;
 pub mod pipeline;

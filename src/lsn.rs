@@ -30,7 +30,9 @@ impl Lsn {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid LSN `{input}`: expected two hexadecimal numbers separated by `/`, like `0/16B3748`")]
+#[error(
+    "invalid LSN `{input}`: expected two hexadecimal numbers separated by `/`, like `0/16B3748`"
+)]
 pub struct ParseLsnError {
     input: String,
 }
@@ -39,7 +41,9 @@ impl FromStr for Lsn {
     type Err = ParseLsnError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let err = || ParseLsnError { input: s.to_owned() };
+        let err = || ParseLsnError {
+            input: s.to_owned(),
+        };
         let (hi, lo) = s.trim().split_once('/').ok_or_else(err)?;
         let valid = |part: &str| !part.is_empty() && part.len() <= 8;
         if !valid(hi) || !valid(lo) {
@@ -94,7 +98,18 @@ mod tests {
 
     #[test]
     fn rejects_malformed_text() {
-        for bad in ["", "/", "0/", "/0", "12345", "0/G", "1/2/3", "123456789/0", "-1/0", "0x1/0"] {
+        for bad in [
+            "",
+            "/",
+            "0/",
+            "/0",
+            "12345",
+            "0/G",
+            "1/2/3",
+            "123456789/0",
+            "-1/0",
+            "0x1/0",
+        ] {
             let err = bad.parse::<Lsn>().unwrap_err();
             assert!(err.to_string().contains("invalid LSN"), "{bad}: {err}");
         }

@@ -2,7 +2,9 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use outbox_cdc::config::{Cli, Command, LogFormat};
+use outbox_cdc::http::HttpServer;
 use outbox_cdc::stats::Stats;
+use std::sync::Arc;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 use tracing_subscriber::EnvFilter;
@@ -11,7 +13,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("error: cannot start the async runtime: {err}");
@@ -39,9 +44,23 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                 "starting outbox-cdc {}",
                 env!("CARGO_PKG_VERSION")
             );
-            let stats = Stats::default();
+            let stats = Arc::new(Stats::default());
             let shutdown = shutdown_signal()?;
+            if let Some(addr) = config.http_addr {
+                let server = HttpServer::bind(addr).await?;
+                if let Some(bound) = server.local_addr() {
+                    tracing::info!("serving /healthz, /readyz and /metrics on http://{bound}");
+                }
+                tokio::spawn(server.serve(stats.clone(), shutdown.clone()));
+            }
             outbox_cdc::run::run(config, &stats, shutdown).await?;
+            Ok(())
+        }
+        Command::Setup(args) => Ok(outbox_cdc::admin::setup(args).await?),
+        Command::Status(args) => Ok(outbox_cdc::admin::status(args).await?),
+        Command::Demo(args) => {
+            let shutdown = shutdown_signal()?;
+            outbox_cdc::demo::run(args, shutdown).await?;
             Ok(())
         }
     }
@@ -62,8 +81,12 @@ fn shutdown_signal() -> anyhow::Result<watch::Receiver<bool>> {
     Ok(rx)
 }
 
+/// Our own logs at info; the clients' connection chatter only when it is a warning.
+const DEFAULT_LOG_FILTER: &str = "info,async_nats=warn,tokio_postgres=warn";
+
 fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

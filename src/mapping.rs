@@ -225,7 +225,11 @@ impl TableMapping {
                 table: table.clone(),
                 column: column.to_owned(),
                 flag,
-                available: relation.column_names().into_iter().map(String::from).collect(),
+                available: relation
+                    .column_names()
+                    .into_iter()
+                    .map(String::from)
+                    .collect(),
             })
         };
         let id = match &config.id_column {
@@ -235,7 +239,9 @@ impl TableMapping {
         let payload = find(&config.payload_column, "--payload-column")?;
         let headers = match &config.headers_column {
             Some(column) => Some((find(column, "--headers-column")?, column.clone())),
-            None => relation.column_index("headers").map(|i| (i, "headers".to_owned())),
+            None => relation
+                .column_index("headers")
+                .map(|i| (i, "headers".to_owned())),
         };
         let subject_column = match &config.subject_column {
             Some(column) => Some(find(column, "--subject-column")?),
@@ -286,7 +292,16 @@ impl TableMapping {
             Ok(Some(ColumnValue::Text(id))) => std::str::from_utf8(id)
                 .ok()
                 .and_then(|id| HeaderValue::from_str(id).ok())
-                .ok_or_else(|| self.unmappable(txn, row_index, None, None, "the id is not a valid header value (not UTF-8, or contains a line break)".into()))?,
+                .ok_or_else(|| {
+                    self.unmappable(
+                        txn,
+                        row_index,
+                        None,
+                        None,
+                        "the id is not a valid header value (not UTF-8, or contains a line break)"
+                            .into(),
+                    )
+                })?,
             Ok(_) => fallback_id(txn.commit_lsn, row_index),
             Err(reason) => return Err(self.unmappable(txn, row_index, None, None, reason)),
         };
@@ -394,6 +409,7 @@ impl TableMapping {
 #[derive(Debug, Clone)]
 pub struct TransactionContext {
     pub commit_lsn: Lsn,
+    pub commit_time: std::time::SystemTime,
     commit_lsn_header: HeaderValue,
     commit_time_header: HeaderValue,
 }
@@ -403,9 +419,22 @@ impl TransactionContext {
     pub fn new(commit_lsn: Lsn, commit_time_micros: i64) -> Self {
         TransactionContext {
             commit_lsn,
+            commit_time: pg_timestamp_to_system_time(commit_time_micros),
             commit_lsn_header: HeaderValue::from(commit_lsn.to_string()),
             commit_time_header: HeaderValue::from(format_pg_timestamp(commit_time_micros)),
         }
+    }
+}
+
+/// PostgreSQL timestamps count microseconds from 2000-01-01 UTC.
+fn pg_timestamp_to_system_time(micros: i64) -> std::time::SystemTime {
+    const PG_EPOCH_UNIX_SECS: u64 = 946_684_800;
+    let epoch = std::time::UNIX_EPOCH + std::time::Duration::from_secs(PG_EPOCH_UNIX_SECS);
+    let offset = std::time::Duration::from_micros(micros.unsigned_abs());
+    if micros >= 0 {
+        epoch + offset
+    } else {
+        epoch - offset
     }
 }
 
@@ -440,9 +469,9 @@ pub fn fallback_id(commit_lsn: Lsn, row_index: u32) -> HeaderValue {
 
 fn column<'a>(tuple: &Tuple<'a>, index: usize) -> Result<ColumnValue<'a>, String> {
     match tuple.values().nth(index) {
-        Some(Ok(ColumnValue::Unchanged)) => {
-            Err(format!("column {index} is an unchanged TOAST value, which an insert never carries"))
-        }
+        Some(Ok(ColumnValue::Unchanged)) => Err(format!(
+            "column {index} is an unchanged TOAST value, which an insert never carries"
+        )),
         Some(Ok(value)) => Ok(value),
         Some(Err(err)) => Err(err.to_string()),
         None => Err(format!(
@@ -470,7 +499,9 @@ fn copy_json_headers(json: &[u8], column: &str, headers: &mut HeaderMap) -> Resu
     };
     for (name, value) in object {
         let header_name = HeaderName::try_from(name.as_str()).map_err(|_| {
-            format!("header name `{name}` is not allowed by NATS (control characters, non-ASCII or `:`)")
+            format!(
+                "header name `{name}` is not allowed by NATS (control characters, non-ASCII or `:`)"
+            )
         })?;
         let text = match value {
             serde_json::Value::String(s) => s,
@@ -506,7 +537,10 @@ pub fn decode_bytea_hex(text: &[u8]) -> Result<Vec<u8>, String> {
         b'0'..=b'9' => Ok(b - b'0'),
         b'a'..=b'f' => Ok(b - b'a' + 10),
         b'A'..=b'F' => Ok(b - b'A' + 10),
-        _ => Err(format!("bytea payload has a non-hex character {:?}", char::from(b))),
+        _ => Err(format!(
+            "bytea payload has a non-hex character {:?}",
+            char::from(b)
+        )),
     };
     hex.chunks_exact(2)
         .map(|pair| Ok(nibble(pair[0])? << 4 | nibble(pair[1])?))
@@ -521,7 +555,10 @@ pub fn format_pg_timestamp(micros_since_2000: i64) -> String {
     let unix_micros = i128::from(micros_since_2000) + i128::from(PG_EPOCH_UNIX_SECONDS) * 1_000_000;
     time::OffsetDateTime::from_unix_timestamp_nanos(unix_micros * 1000)
         .ok()
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
         .unwrap_or_else(|| "1970-01-01T00:00:00Z".to_owned())
 }
 
@@ -599,7 +636,11 @@ mod tests {
 
     #[test]
     fn derives_a_replay_stable_id_without_an_id_column() {
-        let rel = relation(&[("aggregate_type", TEXT), ("event_type", TEXT), ("payload", TEXT)]);
+        let rel = relation(&[
+            ("aggregate_type", TEXT),
+            ("event_type", TEXT),
+            ("payload", TEXT),
+        ]);
         let mapping = TableMapping::bind(&MappingConfig::default(), &rel).unwrap();
         let event = map_row(&mapping, &[Some(b"a"), Some(b"b"), Some(b"x")]).unwrap();
         assert_eq!(header(&event, "Nats-Msg-Id"), Some("0/16B3748:3"));
@@ -653,7 +694,14 @@ mod tests {
         let row = |agg: Option<&'static [u8]>| {
             map_row(
                 &mapping,
-                &[Some(b"e1"), agg, Some(b"1"), Some(b"created"), Some(b"{}"), None],
+                &[
+                    Some(b"e1"),
+                    agg,
+                    Some(b"1"),
+                    Some(b"created"),
+                    Some(b"{}"),
+                    None,
+                ],
             )
         };
         let err = row(None).unwrap_err();
@@ -687,14 +735,28 @@ mod tests {
         ] {
             let err = map_row(
                 &mapping,
-                &[Some(b"e1"), Some(b"o"), Some(b"1"), Some(b"c"), Some(b"{}"), Some(headers)],
+                &[
+                    Some(b"e1"),
+                    Some(b"o"),
+                    Some(b"1"),
+                    Some(b"c"),
+                    Some(b"{}"),
+                    Some(headers),
+                ],
             )
             .unwrap_err();
             assert!(err.reason.contains(why), "{headers:?}: {err}");
         }
         let ok = map_row(
             &mapping,
-            &[Some(b"e1"), Some(b"o"), Some(b"1"), Some(b"c"), Some(b"{}"), Some(b"null")],
+            &[
+                Some(b"e1"),
+                Some(b"o"),
+                Some(b"1"),
+                Some(b"c"),
+                Some(b"{}"),
+                Some(b"null"),
+            ],
         );
         assert!(ok.is_ok(), "JSON null means no headers");
     }
@@ -716,21 +778,33 @@ mod tests {
     #[test]
     fn bytea_hex_decoding() {
         assert_eq!(decode_bytea_hex(b"\\x").unwrap(), Vec::<u8>::new());
-        assert_eq!(decode_bytea_hex(b"\\xDEADbeef").unwrap(), [0xde, 0xad, 0xbe, 0xef]);
+        assert_eq!(
+            decode_bytea_hex(b"\\xDEADbeef").unwrap(),
+            [0xde, 0xad, 0xbe, 0xef]
+        );
         assert!(decode_bytea_hex(b"\\x0").unwrap_err().contains("odd"));
         assert!(decode_bytea_hex(b"\\xzz").unwrap_err().contains("non-hex"));
-        assert!(decode_bytea_hex(b"\\001").unwrap_err().contains("hex format"));
+        assert!(
+            decode_bytea_hex(b"\\001")
+                .unwrap_err()
+                .contains("hex format")
+        );
     }
 
     #[test]
     fn subject_templates_parse_and_capture() {
         let t: SubjectTemplate = "outbox.{aggregate_type}.{event_type}".parse().unwrap();
-        assert_eq!(t.columns().collect::<Vec<_>>(), ["aggregate_type", "event_type"]);
+        assert_eq!(
+            t.columns().collect::<Vec<_>>(),
+            ["aggregate_type", "event_type"]
+        );
         assert_eq!(t.capture_filter(), "outbox.>");
         let t: SubjectTemplate = "static.subject".parse().unwrap();
         assert_eq!(t.capture_filter(), "static.subject");
         assert_eq!(t.columns().count(), 0);
-        for bad in ["", "a.{", "a.}", "a.{}", "a b.{x}", "a.*.{x}", ".{x}", "{x}..y"] {
+        for bad in [
+            "", "a.{", "a.}", "a.{}", "a b.{x}", "a.*.{x}", ".{x}", "{x}..y",
+        ] {
             assert!(bad.parse::<SubjectTemplate>().is_err(), "{bad}");
         }
     }
@@ -738,10 +812,7 @@ mod tests {
     #[test]
     fn formats_commit_times_as_rfc3339() {
         assert_eq!(format_pg_timestamp(0), "2000-01-01T00:00:00Z");
-        assert_eq!(
-            format_pg_timestamp(1_500_000),
-            "2000-01-01T00:00:01.5Z"
-        );
+        assert_eq!(format_pg_timestamp(1_500_000), "2000-01-01T00:00:01.5Z");
         assert_eq!(format_pg_timestamp(-1_000_000), "1999-12-31T23:59:59Z");
     }
 }

@@ -18,6 +18,8 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use async_nats::Subject;
 use async_nats::jetstream::context::{PublishAckFuture, PublishError};
 use async_nats::jetstream::publish::PublishAck;
@@ -28,7 +30,7 @@ use tokio::sync::watch;
 use crate::Error;
 use crate::lsn::Lsn;
 use crate::mapping::{MappingConfig, TableMapping, TransactionContext};
-use crate::sink::{JetStreamSink, PublishLabel};
+use crate::sink::{Checkpoint, JetStreamSink, PublishLabel};
 use crate::source::pgoutput::{self, Message, SkippedKind};
 use crate::source::{ReplicationStream, SourceError, WalEvent};
 use crate::stats::Stats;
@@ -136,6 +138,63 @@ impl Watermark {
     }
 }
 
+/// Holds the LSN reported to PostgreSQL back by the replay window, so the slot keeps that much
+/// WAL and `--start-lsn` can go back that far. With a zero window it releases at once.
+#[derive(Debug, Clone)]
+pub struct ReplayHold {
+    window: Duration,
+    /// Positions that became durable downstream, oldest first: (since when, newest LSN then).
+    history: VecDeque<(Instant, Lsn)>,
+    released: Lsn,
+}
+
+/// Positions that become durable within one bucket share an entry, so memory is bounded by
+/// window / bucket, not by the transaction rate. A position may be released up to one bucket
+/// early.
+const HOLD_BUCKET: Duration = Duration::from_millis(100);
+
+impl ReplayHold {
+    pub fn new(window: Duration, released: Lsn) -> Self {
+        ReplayHold {
+            window,
+            history: VecDeque::new(),
+            released,
+        }
+    }
+
+    /// The position reported to PostgreSQL.
+    pub fn released(&self) -> Lsn {
+        self.released
+    }
+
+    /// `lsn` is durable downstream as of `now`.
+    pub fn record(&mut self, now: Instant, lsn: Lsn) {
+        if self.window.is_zero() {
+            self.released = self.released.max(lsn);
+            return;
+        }
+        match self.history.back_mut() {
+            Some((since, newest)) if now.duration_since(*since) < HOLD_BUCKET => {
+                *newest = (*newest).max(lsn)
+            }
+            _ => self.history.push_back((now, lsn)),
+        }
+    }
+
+    /// Releases what has been durable for the whole window. True when the released LSN moved.
+    pub fn release(&mut self, now: Instant) -> bool {
+        let before = self.released;
+        while let Some(&(since, lsn)) = self.history.front() {
+            if now.duration_since(since) < self.window {
+                break;
+            }
+            self.history.pop_front();
+            self.released = self.released.max(lsn);
+        }
+        self.released > before
+    }
+}
+
 /// Why a session ended without an error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SessionEnd {
@@ -152,6 +211,17 @@ pub struct PipelineSettings {
 
 type AckResult = Result<PublishAck, PublishError>;
 
+/// Where a session starts.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionStart {
+    /// The newest position known durable downstream: in this process, per the checkpoint, or the
+    /// slot's own.
+    pub progress: Lsn,
+    /// Transactions that committed before this LSN are read but not published (`--start-lsn`,
+    /// or what the checkpoint says was already published).
+    pub skip_before: Lsn,
+}
+
 /// One replication session: runs until shutdown or the first error.
 pub struct Session<'a> {
     settings: &'a PipelineSettings,
@@ -159,12 +229,23 @@ pub struct Session<'a> {
     sink: &'a mut JetStreamSink,
     stats: &'a Stats,
     watermark: Watermark,
+    hold: &'a mut ReplayHold,
+    checkpoint: Option<Checkpoint>,
+    skip_before: Lsn,
+    /// The open transaction committed before `skip_before`.
+    skipping: bool,
     tables: HashMap<u32, TableMapping>,
     in_flight: FuturesOrdered<std::pin::Pin<Box<dyn Future<Output = AckResult> + Send>>>,
     labels: VecDeque<PublishLabel>,
     transaction: Option<TransactionContext>,
     row_index: u32,
+    /// The newest acked commit LSN last logged, and when: logged periodically so an operator
+    /// can save it for `--start-lsn`.
+    logged_commit: Option<(Instant, Lsn)>,
 }
+
+/// How often the newest acked commit LSN is logged while it moves.
+const PROGRESS_LOG_INTERVAL: Duration = Duration::from_secs(30);
 
 impl<'a> Session<'a> {
     pub fn new(
@@ -172,19 +253,26 @@ impl<'a> Session<'a> {
         stream: ReplicationStream,
         sink: &'a mut JetStreamSink,
         stats: &'a Stats,
-        confirmed: Lsn,
+        start: SessionStart,
+        hold: &'a mut ReplayHold,
+        checkpoint: Option<Checkpoint>,
     ) -> Self {
         Session {
             settings,
             stream,
             sink,
             stats,
-            watermark: Watermark::new(confirmed),
+            watermark: Watermark::new(start.progress),
+            hold,
+            checkpoint,
+            skip_before: start.skip_before,
+            skipping: false,
             tables: HashMap::new(),
             in_flight: FuturesOrdered::new(),
             labels: VecDeque::new(),
             transaction: None,
             row_index: 0,
+            logged_commit: None,
         }
     }
 
@@ -194,23 +282,35 @@ impl<'a> Session<'a> {
 
     /// Streams until `shutdown` turns true or something fails. The confirmed LSN reached is
     /// returned with the outcome, so the next session can start from it.
-    pub async fn run(mut self, shutdown: &mut watch::Receiver<bool>) -> (Lsn, Result<SessionEnd, Error>) {
+    pub async fn run(
+        mut self,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> (Lsn, Result<SessionEnd, Error>) {
         let result = self.stream_events(shutdown).await;
         let result = match result {
             Ok(()) => Ok(self.drain().await),
             Err(err) => Err(err),
         };
-        let confirmed = self.watermark.confirmed();
+        let progress = self.watermark.confirmed();
         if let Ok(SessionEnd::Shutdown { .. }) = result {
+            if let Err(err) = self.save_checkpoint().await {
+                tracing::warn!(error = %err, "could not save the checkpoint at shutdown");
+            }
             self.stream
-                .finish(confirmed, self.settings.shutdown_timeout.max(Duration::from_secs(2)))
+                .finish(
+                    self.hold.released(),
+                    self.settings.shutdown_timeout.max(Duration::from_secs(2)),
+                )
                 .await;
         }
-        (confirmed, result)
+        (progress, result)
     }
 
     async fn stream_events(&mut self, shutdown: &mut watch::Receiver<bool>) -> Result<(), Error> {
         let window = self.settings.max_in_flight.max(1);
+        // Proves to /healthz that this loop still turns, busy or idle.
+        let mut heartbeat = tokio::time::interval(Duration::from_secs(1));
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
             if *shutdown.borrow() {
                 return Ok(());
@@ -220,6 +320,7 @@ impl<'a> Session<'a> {
                 _ = shutdown.changed() => {}
                 _ = self.sink.disconnected() => return Err(crate::sink::SinkError::Disconnected.into()),
                 Some(ack) = self.in_flight.next(), if !self.in_flight.is_empty() => self.on_ack(ack).await?,
+                _ = heartbeat.tick() => self.on_tick().await?,
                 event = self.stream.next(), if self.in_flight.len() < window => self.on_event(event?).await?,
             }
         }
@@ -252,12 +353,18 @@ impl<'a> Session<'a> {
                 } else {
                     self.stats.published.inc();
                 }
+                self.stats.in_flight.set(self.in_flight.len() as u64);
                 if self.watermark.acked() {
+                    self.stats.transaction_acked(label.commit_time);
                     self.confirm();
                 }
                 Ok(())
             }
-            Err(err) => Err(self.sink.ack_error(&label, err).await.into()),
+            Err(err) => {
+                let err = self.sink.ack_error(&label, err).await;
+                self.stats.publish_error(err.kind());
+                Err(err.into())
+            }
         }
     }
 
@@ -268,6 +375,7 @@ impl<'a> Session<'a> {
                 commit_time_micros,
             } => {
                 self.watermark.begin();
+                self.skipping = commit_lsn < self.skip_before;
                 self.transaction = Some(TransactionContext::new(commit_lsn, commit_time_micros));
                 self.row_index = 0;
             }
@@ -305,9 +413,10 @@ impl<'a> Session<'a> {
                 self.tables.insert(relation.id, mapping);
             }
             Message::Insert(insert) => {
-                let (Some(mapping), Some(txn)) =
-                    (self.tables.get(&insert.relation_id), self.transaction.as_ref())
-                else {
+                let (Some(mapping), Some(txn)) = (
+                    self.tables.get(&insert.relation_id),
+                    self.transaction.as_ref(),
+                ) else {
                     return Err(SourceError::Replication {
                         detail: format!(
                             "insert for relation {} arrived without its Relation message or outside a transaction",
@@ -317,16 +426,27 @@ impl<'a> Session<'a> {
                     }
                     .into());
                 };
+                if self.skipping {
+                    self.stats.skipped_before_start();
+                    return Ok(());
+                }
                 let event = mapping.map(&insert.tuple, &frame, txn, self.row_index)?;
                 self.row_index += 1;
                 let label = PublishLabel {
                     subject: Subject::from(event.subject.as_str()),
                     event_id: event.id.as_str().to_owned(),
                     commit_lsn: txn.commit_lsn,
+                    commit_time: txn.commit_time,
                 };
-                let ack: PublishAckFuture = self.sink.publish(event, &label).await?;
+                let stats = self.stats;
+                let ack: PublishAckFuture = self
+                    .sink
+                    .publish(event, &label)
+                    .await
+                    .inspect_err(|e| stats.publish_error(e.kind()))?;
                 self.in_flight.push_back(Box::pin(ack.into_future()));
                 self.labels.push_back(label);
+                self.stats.in_flight.set(self.in_flight.len() as u64);
                 self.watermark.published();
             }
             Message::Skipped(kind) => {
@@ -339,13 +459,56 @@ impl<'a> Session<'a> {
         Ok(())
     }
 
+    /// Once a second: proof of life for /healthz, the replay hold's release, the checkpoint.
+    async fn on_tick(&mut self) -> Result<(), Error> {
+        self.stats.beat();
+        let now = Instant::now();
+        if self.hold.release(now) {
+            self.report();
+        }
+        self.log_progress(now);
+        self.save_checkpoint().await
+    }
+
+    fn log_progress(&mut self, now: Instant) {
+        let Some(commit) = self.watermark.last_acked_commit() else {
+            return;
+        };
+        let due = match self.logged_commit {
+            None => true,
+            Some((at, logged)) => {
+                logged != commit && now.duration_since(at) >= PROGRESS_LOG_INTERVAL
+            }
+        };
+        if due {
+            tracing::info!(last_acked_commit_lsn = %commit, confirmed_lsn = %self.hold.released(),
+                "progress: every transaction up to this commit LSN is in JetStream");
+            self.logged_commit = Some((now, commit));
+        }
+    }
+
+    async fn save_checkpoint(&mut self) -> Result<(), Error> {
+        if let Some(checkpoint) = &mut self.checkpoint {
+            checkpoint.save(self.watermark.confirmed()).await?;
+        }
+        Ok(())
+    }
+
+    /// The watermark moved: record it, and report what the replay window lets go.
     fn confirm(&mut self) {
-        let lsn = self.watermark.confirmed();
-        self.stream.confirm(lsn);
-        self.stats.confirmed_lsn.set(lsn.as_u64());
+        let now = Instant::now();
+        self.hold.record(now, self.watermark.confirmed());
+        self.hold.release(now);
+        self.report();
         if let Some(commit) = self.watermark.last_acked_commit() {
             self.stats.last_acked_commit_lsn.set(commit.as_u64());
         }
+    }
+
+    fn report(&mut self) {
+        let lsn = self.hold.released();
+        self.stream.confirm(lsn);
+        self.stats.confirmed_lsn.set(lsn.as_u64());
     }
 }
 
@@ -396,7 +559,10 @@ mod tests {
         w.published();
         w.commit(lsn(10), lsn(11));
         w.begin();
-        assert!(!w.commit(lsn(20), lsn(21)), "empty txn waits for the one before it");
+        assert!(
+            !w.commit(lsn(20), lsn(21)),
+            "empty txn waits for the one before it"
+        );
         w.acked();
         assert_eq!(w.confirmed(), lsn(21));
     }
@@ -409,8 +575,15 @@ mod tests {
             w.published();
             assert!(!w.acked());
         }
-        assert_eq!(w.confirmed(), lsn(5), "rows acked, but the commit has not arrived");
-        assert!(!w.keepalive(lsn(999)), "no keepalive confirmation inside a transaction");
+        assert_eq!(
+            w.confirmed(),
+            lsn(5),
+            "rows acked, but the commit has not arrived"
+        );
+        assert!(
+            !w.keepalive(lsn(999)),
+            "no keepalive confirmation inside a transaction"
+        );
         assert!(w.commit(lsn(50), lsn(51)));
         assert_eq!(w.confirmed(), lsn(51));
     }
@@ -439,5 +612,47 @@ mod tests {
         w.commit(lsn(10), lsn(11));
         assert!(!w.acked());
         assert_eq!(w.confirmed(), lsn(1000));
+    }
+
+    #[test]
+    fn a_zero_replay_window_releases_at_once() {
+        let mut hold = ReplayHold::new(Duration::ZERO, lsn(10));
+        hold.record(Instant::now(), lsn(20));
+        assert_eq!(hold.released(), lsn(20));
+        hold.record(Instant::now(), lsn(15));
+        assert_eq!(hold.released(), lsn(20), "never moves back");
+    }
+
+    #[test]
+    fn a_replay_window_releases_positions_once_they_are_that_old() {
+        let start = Instant::now();
+        let window = Duration::from_secs(60);
+        let mut hold = ReplayHold::new(window, lsn(10));
+        hold.record(start, lsn(20));
+        hold.record(start + Duration::from_secs(30), lsn(30));
+        assert!(!hold.release(start + Duration::from_secs(59)));
+        assert_eq!(hold.released(), lsn(10), "nothing is a minute old yet");
+        assert!(hold.release(start + Duration::from_secs(60)));
+        assert_eq!(hold.released(), lsn(20));
+        assert!(!hold.release(start + Duration::from_secs(89)));
+        assert!(hold.release(start + Duration::from_secs(90)));
+        assert_eq!(hold.released(), lsn(30));
+    }
+
+    #[test]
+    fn a_replay_window_keeps_one_entry_per_bucket() {
+        let start = Instant::now();
+        let mut hold = ReplayHold::new(Duration::from_secs(1), lsn(0));
+        for i in 0..1000u64 {
+            // 1000 positions within 50 ms share a bucket.
+            hold.record(start + Duration::from_micros(i * 50), lsn(i + 1));
+        }
+        assert_eq!(hold.history.len(), 1);
+        assert!(hold.release(start + Duration::from_secs(1)));
+        assert_eq!(
+            hold.released(),
+            lsn(1000),
+            "the bucket holds its newest position"
+        );
     }
 }

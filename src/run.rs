@@ -18,8 +18,8 @@ use crate::Error;
 use crate::config::RunConfig;
 use crate::lsn::Lsn;
 use crate::mapping::TableMapping;
-use crate::pipeline::{Session, SessionEnd};
-use crate::sink::JetStreamSink;
+use crate::pipeline::{ReplayHold, Session, SessionEnd, SessionStart};
+use crate::sink::{Checkpoint, JetStreamSink};
 use crate::source::{Catalog, ReplicationStream, SourceError};
 use crate::stats::Stats;
 
@@ -43,10 +43,13 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), Error> {
     let mut supervisor = Supervisor {
+        hold: ReplayHold::new(config.replay.window, Lsn::ZERO),
         config,
         stats,
         catalog: None,
-        confirmed: Lsn::ZERO,
+        progress: Lsn::ZERO,
+        skip_before: Lsn::ZERO,
+        streamed: false,
         role: Role::Starting,
     };
     let mut delays = backoff();
@@ -58,7 +61,8 @@ pub async fn run(
         match supervisor.session(&mut shutdown).await {
             Ok(SessionEnd::Shutdown { drained }) => {
                 tracing::info!(
-                    confirmed_lsn = %supervisor.confirmed,
+                    confirmed_lsn = %supervisor.hold.released(),
+                    last_acked_commit_lsn = %Lsn::new(stats.last_acked_commit_lsn.get()),
                     drained,
                     published = stats.published.get(),
                     duplicates = stats.duplicates.get(),
@@ -82,6 +86,7 @@ pub async fn run(
                 if supervisor.role == Role::Leader {
                     supervisor.role = Role::Starting;
                 }
+                stats.set_role(crate::stats::Role::Reconnecting);
                 if sleep_or_shutdown(delay, &mut shutdown).await {
                     return Ok(());
                 }
@@ -102,8 +107,14 @@ struct Supervisor<'a> {
     config: RunConfig,
     stats: &'a Stats,
     catalog: Option<Catalog>,
-    /// The newest position known durable downstream (never below the slot's).
-    confirmed: Lsn,
+    /// The newest position known durable downstream in this process (never below the slot's).
+    progress: Lsn,
+    /// What PostgreSQL is told, held back by the replay window.
+    hold: ReplayHold,
+    /// Transactions that committed before this are not published again.
+    skip_before: Lsn,
+    /// A session has streamed: --start-lsn and the checkpoint applied to the first one.
+    streamed: bool,
     role: Role,
 }
 
@@ -121,10 +132,9 @@ impl Supervisor<'_> {
         for table in catalog.publication_tables(&source.publication).await? {
             TableMapping::bind(&self.config.pipeline.mapping, &table)?;
         }
-        let slot = catalog.ensure_slot(&source.slot, source.create_slot).await?;
-        if let Some(lsn) = slot.confirmed_flush_lsn {
-            self.confirmed = self.confirmed.max(lsn);
-        }
+        let slot = catalog
+            .ensure_slot(&source.slot, source.create_slot)
+            .await?;
         if let Some(pid) = slot.active_pid {
             return Err(SourceError::SlotBusy {
                 slot: source.slot.to_string(),
@@ -132,29 +142,74 @@ impl Supervisor<'_> {
             }
             .into());
         }
+        let slot_lsn = slot.confirmed_flush_lsn.unwrap_or(Lsn::ZERO);
+        let replay = &self.config.replay;
+        if !self.streamed
+            && let Some(start) = replay.start_lsn
+            && start < slot_lsn
+        {
+            return Err(SourceError::StartLsnUnavailable {
+                slot: source.slot.to_string(),
+                requested: start,
+                oldest: slot_lsn,
+            }
+            .into());
+        }
 
         let mut sink = JetStreamSink::connect(&self.config.sink).await?;
         sink.prepare(&self.config.sink).await?;
+        let (checkpoint, saved) = if replay.window.is_zero() {
+            (None, None)
+        } else {
+            let (checkpoint, saved) = Checkpoint::open(
+                sink.context(),
+                &replay.checkpoint_bucket,
+                source.slot.as_str(),
+            )
+            .await?;
+            (Some(checkpoint), saved)
+        };
+        if !self.streamed {
+            self.skip_before = match (replay.start_lsn, saved) {
+                (Some(start), _) => start,
+                (None, Some(saved)) => saved,
+                (None, None) => Lsn::ZERO,
+            };
+            self.hold = ReplayHold::new(replay.window, slot_lsn);
+            tracing::info!(slot_confirmed_lsn = %slot_lsn, checkpoint = ?saved.map(|l| l.to_string()),
+                skip_before = %self.skip_before, "start position");
+        }
+        self.progress = self.progress.max(slot_lsn);
+        self.skip_before = self.skip_before.max(self.progress);
 
-        let stream = ReplicationStream::start(source, self.confirmed).await?;
+        let stream = ReplicationStream::start(source, self.hold.released()).await?;
+        self.streamed = true;
         if self.role != Role::Leader {
-            tracing::info!(slot = %source.slot, from = %self.confirmed,
+            tracing::info!(slot = %source.slot, from = %slot_lsn,
                 "took the replication slot: this instance is the leader and streams");
             self.role = Role::Leader;
+            self.stats.set_role(crate::stats::Role::Leader);
         }
+        let start = SessionStart {
+            progress: self.progress,
+            skip_before: self.skip_before,
+        };
         let session = Session::new(
             &self.config.pipeline,
             stream,
             &mut sink,
             self.stats,
-            self.confirmed,
+            start,
+            &mut self.hold,
+            checkpoint,
         );
-        let (confirmed, result) = session.run(shutdown).await;
-        self.confirmed = self.confirmed.max(confirmed);
+        let (progress, result) = session.run(shutdown).await;
+        self.progress = self.progress.max(progress);
         result
     }
 
     fn standby(&mut self, slot: &str, pid: Option<i32>) {
+        self.stats.set_role(crate::stats::Role::Standby);
         if self.role != Role::Standby(pid) {
             let holder = pid.map_or_else(|| "unknown".to_owned(), |p| p.to_string());
             tracing::info!(%slot, holder_pid = %holder, retry_every = ?self.config.standby_retry,

@@ -17,6 +17,7 @@ use async_nats::jetstream::{self, stream};
 use async_nats::{Event, Subject};
 use tokio::sync::watch;
 
+use crate::lsn::Lsn;
 use crate::mapping::OutboxEvent;
 use crate::secret::Secret;
 
@@ -48,6 +49,8 @@ pub enum SinkError {
     Disconnected,
     #[error("JetStream stream setup: {0}")]
     Stream(String),
+    #[error("checkpoint in KV bucket `{bucket}`: {detail}")]
+    Checkpoint { bucket: String, detail: String },
     #[error(
         "no JetStream stream captures subject `{subject}` (event id `{event_id}`, commit LSN {commit_lsn}); \
          create a stream for it (e.g. `nats stream add OUTBOX --subjects '{subject}'`) or start with --stream NAME"
@@ -68,7 +71,9 @@ pub enum SinkError {
         size: usize,
         max: usize,
     },
-    #[error("publishing event `{event_id}` (subject `{subject}`, commit LSN {commit_lsn}) failed: {detail}")]
+    #[error(
+        "publishing event `{event_id}` (subject `{subject}`, commit LSN {commit_lsn}) failed: {detail}"
+    )]
     Publish {
         event_id: String,
         subject: String,
@@ -84,11 +89,92 @@ impl SinkError {
             SinkError::Connect { transient, .. } | SinkError::Publish { transient, .. } => {
                 *transient
             }
-            SinkError::Disconnected => true,
-            SinkError::Stream(_) | SinkError::NoStream { .. } | SinkError::TooLarge { .. } => {
-                false
-            }
+            SinkError::Disconnected | SinkError::Checkpoint { .. } => true,
+            SinkError::Stream(_) | SinkError::NoStream { .. } | SinkError::TooLarge { .. } => false,
         }
+    }
+
+    /// The `kind` label of the publish-errors metric.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SinkError::Connect { .. } => "connect",
+            SinkError::Disconnected => "disconnected",
+            SinkError::Stream(_) => "stream_setup",
+            SinkError::Checkpoint { .. } => "checkpoint",
+            SinkError::NoStream { .. } => "no_stream",
+            SinkError::TooLarge { .. } => "too_large",
+            SinkError::Publish { .. } => "publish",
+        }
+    }
+}
+
+/// The newest published position, kept in a NATS KV bucket under the slot's name, so that a
+/// restart with a replay window resumes after what was published instead of replaying the window.
+pub struct Checkpoint {
+    store: jetstream::kv::Store,
+    bucket: String,
+    key: String,
+    saved: Lsn,
+}
+
+impl Checkpoint {
+    /// Opens (creating if missing) the bucket; returns it with the saved position, if any.
+    pub async fn open(
+        context: &jetstream::Context,
+        bucket: &str,
+        key: &str,
+    ) -> Result<(Checkpoint, Option<Lsn>), SinkError> {
+        let fail = |detail: String| SinkError::Checkpoint {
+            bucket: bucket.to_owned(),
+            detail,
+        };
+        let store = match context.get_key_value(bucket).await {
+            Ok(store) => store,
+            Err(_) => context
+                .create_key_value(jetstream::kv::Config {
+                    bucket: bucket.to_owned(),
+                    description: "outbox-cdc: newest published LSN per replication slot".into(),
+                    history: 1,
+                    storage: stream::StorageType::File,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| fail(format!("creating the bucket: {e}")))?,
+        };
+        let saved =
+            match store.get(key).await {
+                Ok(Some(value)) => {
+                    let text = String::from_utf8_lossy(&value);
+                    Some(text.parse::<Lsn>().map_err(|e| {
+                        fail(format!("key `{key}` holds `{text}`, not an LSN: {e}"))
+                    })?)
+                }
+                Ok(None) => None,
+                Err(e) => return Err(fail(format!("reading key `{key}`: {e}"))),
+            };
+        let checkpoint = Checkpoint {
+            store,
+            bucket: bucket.to_owned(),
+            key: key.to_owned(),
+            saved: saved.unwrap_or(Lsn::ZERO),
+        };
+        Ok((checkpoint, saved))
+    }
+
+    /// Saves `lsn` when it is newer than what was saved.
+    pub async fn save(&mut self, lsn: Lsn) -> Result<(), SinkError> {
+        if lsn <= self.saved {
+            return Ok(());
+        }
+        self.store
+            .put(&self.key, lsn.to_string().into())
+            .await
+            .map_err(|e| SinkError::Checkpoint {
+                bucket: self.bucket.clone(),
+                detail: format!("writing key `{}`: {e}", self.key),
+            })?;
+        self.saved = lsn;
+        Ok(())
     }
 }
 
@@ -122,6 +208,7 @@ pub struct PublishLabel {
     pub subject: Subject,
     pub event_id: String,
     pub commit_lsn: crate::lsn::Lsn,
+    pub commit_time: std::time::SystemTime,
 }
 
 pub struct JetStreamSink {
@@ -130,6 +217,10 @@ pub struct JetStreamSink {
 }
 
 impl JetStreamSink {
+    pub fn context(&self) -> &jetstream::Context {
+        &self.context
+    }
+
     /// Connects; one attempt (the caller retries with backoff).
     pub async fn connect(config: &SinkConfig) -> Result<Self, SinkError> {
         let target = redact_nats_url(config.urls.expose());
@@ -292,8 +383,14 @@ impl JetStreamSink {
         match err.kind() {
             // "No responders": a stream may be missing, or (in a cluster) briefly leaderless.
             PublishErrorKind::StreamNotFound => {
-                match self.context.stream_by_subject(label.subject.to_string()).await {
-                    Err(e) if e.kind() == jetstream::context::GetStreamByNameErrorKind::NotFound => {
+                match self
+                    .context
+                    .stream_by_subject(label.subject.to_string())
+                    .await
+                {
+                    Err(e)
+                        if e.kind() == jetstream::context::GetStreamByNameErrorKind::NotFound =>
+                    {
                         SinkError::NoStream {
                             subject: label.subject.to_string(),
                             event_id: label.event_id.clone(),
@@ -303,7 +400,9 @@ impl JetStreamSink {
                     _ => self.publish_error(label, err.to_string(), true),
                 }
             }
-            PublishErrorKind::TimedOut => self.publish_error(label, "no ack within the ack timeout".into(), true),
+            PublishErrorKind::TimedOut => {
+                self.publish_error(label, "no ack within the ack timeout".into(), true)
+            }
             _ => self.publish_error(label, err.to_string(), true),
         }
     }
@@ -346,11 +445,13 @@ mod tests {
     #[test]
     fn classifies_errors() {
         assert!(SinkError::Disconnected.is_transient());
-        assert!(!SinkError::NoStream {
-            subject: "a".into(),
-            event_id: "1".into(),
-            commit_lsn: "0/1".into()
-        }
-        .is_transient());
+        assert!(
+            !SinkError::NoStream {
+                subject: "a".into(),
+                event_id: "1".into(),
+                commit_lsn: "0/1".into()
+            }
+            .is_transient()
+        );
     }
 }

@@ -1,37 +1,52 @@
-//! Counters and gauges the pipeline updates on its hot path (relaxed atomics, no locks).
-//! They are logged at shutdown and are what `/metrics` will expose.
+//! The process's counters and gauges, updated on the hot path with relaxed atomics and exposed
+//! by [`crate::http`] in Prometheus text format. No label carries a subject or an id: label
+//! values are fixed sets, so the number of series is bounded.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
 
 use crate::source::pgoutput::SkippedKind;
 
-#[derive(Debug, Default)]
-pub struct Counter(AtomicU64);
+type U64Gauge = Gauge<u64, AtomicU64>;
+type Label = [(&'static str, &'static str); 1];
 
-impl Counter {
-    pub fn inc(&self) {
-        self.0.fetch_add(1, Ordering::Relaxed);
-    }
+/// What this instance is doing, for `/readyz` and the `role` metric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Role {
+    Starting = 0,
+    /// Streams from the slot.
+    Leader = 1,
+    /// Waits for the slot another instance holds.
+    Standby = 2,
+    /// PostgreSQL or NATS is unreachable; retrying with backoff.
+    Reconnecting = 3,
+}
 
-    pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
+impl Role {
+    const ALL: [Role; 4] = [
+        Role::Starting,
+        Role::Leader,
+        Role::Standby,
+        Role::Reconnecting,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Starting => "starting",
+            Role::Leader => "leader",
+            Role::Standby => "standby",
+            Role::Reconnecting => "reconnecting",
+        }
     }
 }
 
-#[derive(Debug, Default)]
-pub struct Gauge(AtomicU64);
-
-impl Gauge {
-    pub fn set(&self, value: u64) {
-        self.0.store(value, Ordering::Relaxed);
-    }
-
-    pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
-    }
-}
-
-#[derive(Debug, Default)]
 pub struct Stats {
     /// Events JetStream stored.
     pub published: Counter,
@@ -39,22 +54,236 @@ pub struct Stats {
     pub duplicates: Counter,
     pub transactions: Counter,
     pub reconnects: Counter,
-    pub skipped_update: Counter,
-    pub skipped_delete: Counter,
-    pub skipped_truncate: Counter,
-    pub skipped_other: Counter,
-    pub confirmed_lsn: Gauge,
-    pub last_acked_commit_lsn: Gauge,
-    pub server_wal_end: Gauge,
+    publish_errors: Family<Label, Counter>,
+    skipped: Family<Label, Counter>,
+    pub in_flight: U64Gauge,
+    pub confirmed_lsn: U64Gauge,
+    pub last_acked_commit_lsn: U64Gauge,
+    pub server_wal_end: U64Gauge,
+    slot_lag_bytes: U64Gauge,
+    /// Seconds from a transaction's commit to the ack of its last row.
+    commit_to_ack: Histogram,
+    role_gauges: Family<Label, U64Gauge>,
+    role: AtomicU8,
+    /// Unix milliseconds of the pipeline's last sign of life.
+    heartbeat_ms: AtomicU64,
+    registry: Registry,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        let stats = Stats {
+            published: Counter::default(),
+            duplicates: Counter::default(),
+            transactions: Counter::default(),
+            reconnects: Counter::default(),
+            publish_errors: Family::default(),
+            skipped: Family::default(),
+            in_flight: U64Gauge::default(),
+            confirmed_lsn: U64Gauge::default(),
+            last_acked_commit_lsn: U64Gauge::default(),
+            server_wal_end: U64Gauge::default(),
+            slot_lag_bytes: U64Gauge::default(),
+            // 0.5 ms … ~33 s
+            commit_to_ack: Histogram::new(exponential_buckets(0.0005, 2.0, 17)),
+            role_gauges: Family::default(),
+            role: AtomicU8::new(Role::Starting as u8),
+            heartbeat_ms: AtomicU64::new(now_ms()),
+            registry: Registry::with_prefix("outbox_cdc"),
+        };
+        stats.register()
+    }
 }
 
 impl Stats {
+    fn register(mut self) -> Self {
+        let r = &mut self.registry;
+        r.register(
+            "events_published",
+            "Events JetStream stored",
+            self.published.clone(),
+        );
+        r.register(
+            "events_duplicate",
+            "Events JetStream already held (re-sent after a restart) and dropped",
+            self.duplicates.clone(),
+        );
+        r.register(
+            "transactions",
+            "Transactions read from the slot",
+            self.transactions.clone(),
+        );
+        r.register(
+            "reconnects",
+            "Sessions restarted after a transient failure",
+            self.reconnects.clone(),
+        );
+        r.register(
+            "publish_errors",
+            "Failed publishes by kind",
+            self.publish_errors.clone(),
+        );
+        r.register(
+            "rows_skipped",
+            "Changes skipped by reason (updates, deletes, truncates, other messages)",
+            self.skipped.clone(),
+        );
+        r.register(
+            "in_flight",
+            "Publishes awaiting their JetStream ack",
+            self.in_flight.clone(),
+        );
+        r.register(
+            "confirmed_lsn",
+            "Flush LSN reported to PostgreSQL, as a number",
+            self.confirmed_lsn.clone(),
+        );
+        r.register(
+            "last_acked_commit_lsn",
+            "Commit LSN of the newest fully acked transaction (save it to replay from)",
+            self.last_acked_commit_lsn.clone(),
+        );
+        r.register(
+            "server_wal_lsn",
+            "Server WAL position from the last keepalive, as a number",
+            self.server_wal_end.clone(),
+        );
+        r.register(
+            "slot_lag_bytes",
+            "WAL between the server's position and the confirmed LSN",
+            self.slot_lag_bytes.clone(),
+        );
+        r.register(
+            "commit_to_ack_seconds",
+            "From a transaction's commit to the JetStream ack of its last row",
+            self.commit_to_ack.clone(),
+        );
+        r.register(
+            "role",
+            "1 for the instance's current role",
+            self.role_gauges.clone(),
+        );
+        self.set_role(Role::Starting);
+        self
+    }
+
     pub fn skipped(&self, kind: SkippedKind) {
-        match kind {
-            SkippedKind::Update => self.skipped_update.inc(),
-            SkippedKind::Delete => self.skipped_delete.inc(),
-            SkippedKind::Truncate => self.skipped_truncate.inc(),
-            _ => self.skipped_other.inc(),
+        let reason = match kind {
+            SkippedKind::Update => "update",
+            SkippedKind::Delete => "delete",
+            SkippedKind::Truncate => "truncate",
+            _ => "other",
+        };
+        self.skipped.get_or_create(&[("reason", reason)]).inc();
+    }
+
+    /// An insert of a transaction that committed before `--start-lsn` or the checkpoint.
+    pub fn skipped_before_start(&self) {
+        self.skipped
+            .get_or_create(&[("reason", "before_start_lsn")])
+            .inc();
+    }
+
+    pub fn skipped_count(&self, reason: &'static str) -> u64 {
+        self.skipped
+            .get(&[("reason", reason)])
+            .map_or(0, |c| c.get())
+    }
+
+    pub fn publish_error(&self, kind: &'static str) {
+        self.publish_errors.get_or_create(&[("kind", kind)]).inc();
+    }
+
+    /// Records the commit→ack latency of a transaction committed at `commit_time`.
+    pub fn transaction_acked(&self, commit_time: SystemTime) {
+        if let Ok(elapsed) = SystemTime::now().duration_since(commit_time) {
+            self.commit_to_ack.observe(elapsed.as_secs_f64());
         }
+    }
+
+    pub fn set_role(&self, role: Role) {
+        self.role.store(role as u8, Ordering::Relaxed);
+        for r in Role::ALL {
+            self.role_gauges
+                .get_or_create(&[("role", r.as_str())])
+                .set(u64::from(r == role));
+        }
+        self.beat();
+    }
+
+    pub fn role(&self) -> Role {
+        let current = self.role.load(Ordering::Relaxed);
+        Role::ALL
+            .into_iter()
+            .find(|r| *r as u8 == current)
+            .unwrap_or(Role::Starting)
+    }
+
+    /// The pipeline (or the supervisor) is alive.
+    pub fn beat(&self) {
+        self.heartbeat_ms.store(now_ms(), Ordering::Relaxed);
+    }
+
+    pub fn since_last_beat(&self) -> Duration {
+        Duration::from_millis(now_ms().saturating_sub(self.heartbeat_ms.load(Ordering::Relaxed)))
+    }
+
+    /// Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        self.slot_lag_bytes.set(
+            self.server_wal_end
+                .get()
+                .saturating_sub(self.confirmed_lsn.get()),
+        );
+        let mut text = String::with_capacity(4096);
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        text
+    }
+}
+
+impl std::fmt::Debug for Stats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stats")
+            .field("published", &self.published.get())
+            .field("role", &self.role())
+            .finish_non_exhaustive()
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposes_counters_roles_lag_and_latency() {
+        let stats = Stats::default();
+        stats.published.inc();
+        stats.skipped(SkippedKind::Update);
+        stats.publish_error("too_large");
+        stats.server_wal_end.set(1_000);
+        stats.confirmed_lsn.set(400);
+        stats.set_role(Role::Leader);
+        stats.transaction_acked(SystemTime::now() - Duration::from_millis(3));
+        let text = stats.encode();
+        for needle in [
+            "outbox_cdc_events_published_total 1",
+            "outbox_cdc_rows_skipped_total{reason=\"update\"} 1",
+            "outbox_cdc_publish_errors_total{kind=\"too_large\"} 1",
+            "outbox_cdc_slot_lag_bytes 600",
+            "outbox_cdc_role{role=\"leader\"} 1",
+            "outbox_cdc_role{role=\"standby\"} 0",
+            "outbox_cdc_commit_to_ack_seconds_count 1",
+        ] {
+            assert!(text.contains(needle), "{needle} missing from\n{text}");
+        }
+        assert_eq!(stats.role(), Role::Leader);
+        assert_eq!(stats.skipped_count("update"), 1);
     }
 }

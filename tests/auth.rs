@@ -40,11 +40,17 @@ async fn scram_sha_256_password_authentication() {
         .await;
     write_events(&env.sql().await, "scram", 100, 10).await;
     let js = env.jetstream().await;
-    wait_for_messages(&js, &env.stream, 100, Duration::from_secs(60), || publisher.log()).await;
+    wait_for_messages(&js, &env.stream, 100, Duration::from_secs(60), || {
+        publisher.log()
+    })
+    .await;
     let status = publisher.terminate(Duration::from_secs(30)).await;
     assert!(status.success());
     let log = publisher.log();
-    assert!(!log.contains(PASSWORD), "the password leaked into the log:\n{log}");
+    assert!(
+        !log.contains(PASSWORD),
+        "the password leaked into the log:\n{log}"
+    );
     assert!(log.contains("postgres://app:***@127.0.0.1"), "{log}");
 }
 
@@ -56,6 +62,9 @@ async fn a_wrong_password_is_a_clear_permanent_error() {
     let status = publisher.wait_exit(Duration::from_secs(60)).await;
     let log = publisher.log();
     assert_eq!(status.code(), Some(1), "{log}");
-    assert!(log.contains("password authentication failed for user \"app\""), "{log}");
+    assert!(
+        log.contains("password authentication failed for user \"app\""),
+        "{log}"
+    );
     assert!(!log.contains("wrong-password"), "{log}");
 }

@@ -12,7 +12,11 @@ async fn run_to_failure(env: &TestEnv, extra: &[&str]) -> String {
     let mut publisher = env.publisher(extra);
     let status = publisher.wait_exit(Duration::from_secs(60)).await;
     let log = publisher.log();
-    assert_eq!(status.code(), Some(1), "must exit with status 1; log:\n{log}");
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "must exit with status 1; log:\n{log}"
+    );
     log
 }
 
@@ -44,7 +48,10 @@ async fn missing_publication() {
 async fn configured_column_missing_from_the_table() {
     let env = TestEnv::start().await;
     let log = run_to_failure(&env, &["--payload-column", "body"]).await;
-    assert_contains(&log, "table `public.outbox` has no column `body` (configured by --payload-column)");
+    assert_contains(
+        &log,
+        "table `public.outbox` has no column `body` (configured by --payload-column)",
+    );
     assert_contains(
         &log,
         "its columns are: id, aggregate_type, aggregate_id, event_type, payload, headers, created_at",
@@ -56,18 +63,27 @@ async fn slot_created_with_another_plugin() {
     let env = TestEnv::start().await;
     env.sql()
         .await
-        .execute("SELECT pg_create_logical_replication_slot('outbox_cdc', 'test_decoding')", &[])
+        .execute(
+            "SELECT pg_create_logical_replication_slot('outbox_cdc', 'test_decoding')",
+            &[],
+        )
         .await
         .unwrap();
     let log = run_to_failure(&env, &[]).await;
-    assert_contains(&log, "replication slot `outbox_cdc` uses the `test_decoding` plugin");
+    assert_contains(
+        &log,
+        "replication slot `outbox_cdc` uses the `test_decoding` plugin",
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_slot_with_no_create_slot() {
     let env = TestEnv::start().await;
     let log = run_to_failure(&env, &["--no-create-slot"]).await;
-    assert_contains(&log, "replication slot `outbox_cdc` does not exist and --no-create-slot is set");
+    assert_contains(
+        &log,
+        "replication slot `outbox_cdc` does not exist and --no-create-slot is set",
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -93,7 +109,10 @@ async fn no_stream_for_the_subject() {
     assert_eq!(status.code(), Some(1), "{log}");
     assert_contains(
         &log,
-        &format!("no JetStream stream captures subject `{}.invoice.paid`", env.subject_prefix),
+        &format!(
+            "no JetStream stream captures subject `{}.invoice.paid`",
+            env.subject_prefix
+        ),
     );
     assert_contains(&log, &format!("event id `{id}`"));
     assert_contains(&log, "commit LSN");
@@ -109,7 +128,10 @@ async fn unreachable_nats_is_retried_with_backoff() {
     args[i + 1] = url;
     let mut publisher = Publisher::start(&args);
     publisher
-        .wait_for_log("cannot connect to NATS at nats://127.0.0.1", Duration::from_secs(30))
+        .wait_for_log(
+            "cannot connect to NATS at nats://127.0.0.1",
+            Duration::from_secs(30),
+        )
         .await;
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while publisher.log().matches("retrying with backoff").count() < 3 {
@@ -118,7 +140,11 @@ async fn unreachable_nats_is_retried_with_backoff() {
     }
     assert!(publisher.is_running(), "keeps retrying instead of exiting");
     let status = publisher.terminate(Duration::from_secs(30)).await;
-    assert!(status.success(), "SIGTERM during backoff exits 0:\n{}", publisher.log());
+    assert!(
+        status.success(),
+        "SIGTERM during backoff exits 0:\n{}",
+        publisher.log()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -144,12 +170,18 @@ async fn malformed_headers_json_stops_with_the_event_named() {
     let log = publisher.log();
     assert_eq!(status.code(), Some(1), "{log}");
     assert_contains(&log, &format!("event id `{id}`"));
-    assert_contains(&log, "headers column `headers` must hold a JSON object, found an array");
+    assert_contains(
+        &log,
+        "headers column `headers` must hold a JSON object, found an array",
+    );
 
     // The row is never skipped: a restart stops at the same row again.
     let log = run_to_failure(&env, &[]).await;
     assert_contains(&log, &format!("event id `{id}`"));
-    assert_eq!(stream_message_count(&env.jetstream().await, &env.stream).await, 0);
+    assert_eq!(
+        stream_message_count(&env.jetstream().await, &env.stream).await,
+        0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -44,18 +44,31 @@ async fn kill_9_mid_backlog_then_restart_loses_and_duplicates_nothing() {
         if stored >= BACKLOG / 3 {
             break;
         }
-        assert!(publisher.is_running(), "publisher died; log:\n{}", publisher.log());
+        assert!(
+            publisher.is_running(),
+            "publisher died; log:\n{}",
+            publisher.log()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     publisher.kill9();
     let stored_at_kill = stream_message_count(&js, &env.stream).await as usize;
     let confirmed = env.confirmed_flush_lsn("outbox_cdc").await.unwrap_or(0);
     assert!(stored_at_kill >= rows_committed_through(&committed, confirmed));
-    println!("killed with {stored_at_kill} of {BACKLOG} events stored after {samples} invariant samples");
+    println!(
+        "killed with {stored_at_kill} of {BACKLOG} events stored after {samples} invariant samples"
+    );
     assert!(stored_at_kill < BACKLOG, "the kill must land mid-backlog");
 
     let mut publisher = env.publisher(&[]);
-    wait_for_messages(&js, &env.stream, BACKLOG as u64, Duration::from_secs(120), || publisher.log()).await;
+    wait_for_messages(
+        &js,
+        &env.stream,
+        BACKLOG as u64,
+        Duration::from_secs(120),
+        || publisher.log(),
+    )
+    .await;
     // Let the restarted publisher finish re-sending (duplicates are acked, not stored).
     let status = publisher.terminate(Duration::from_secs(30)).await;
     assert!(status.success(), "{}", publisher.log());

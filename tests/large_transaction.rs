@@ -29,8 +29,16 @@ async fn a_200k_row_transaction_is_delivered_with_bounded_memory() {
     let deadline = Instant::now() + Duration::from_secs(300);
     while stream_message_count(&js, &env.stream).await < ROWS as u64 {
         peak_kib = peak_kib.max(publisher.peak_rss_kib().unwrap_or(0));
-        assert!(Instant::now() < deadline, "timed out; log:\n{}", publisher.log());
-        assert!(publisher.is_running(), "publisher died; log:\n{}", publisher.log());
+        assert!(
+            Instant::now() < deadline,
+            "timed out; log:\n{}",
+            publisher.log()
+        );
+        assert!(
+            publisher.is_running(),
+            "publisher died; log:\n{}",
+            publisher.log()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     peak_kib = peak_kib.max(publisher.peak_rss_kib().unwrap_or(0));
@@ -49,5 +57,8 @@ async fn a_200k_row_transaction_is_delivered_with_bounded_memory() {
     assert_exactly_once_in_order(&stream, &committed);
     // Buffering the transaction would take well over this (200k events of ~400 bytes plus
     // headers); the in-flight window keeps it far below.
-    assert!(peak_kib < 192 * 1024, "peak RSS {peak_kib} KiB: memory grows with the transaction");
+    assert!(
+        peak_kib < 192 * 1024,
+        "peak RSS {peak_kib} KiB: memory grows with the transaction"
+    );
 }

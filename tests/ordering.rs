@@ -34,7 +34,14 @@ async fn concurrent_writers_arrive_once_in_commit_order() {
         writer.await.expect("writer");
     }
     let js = env.jetstream().await;
-    wait_for_messages(&js, &env.stream, TOTAL as u64, Duration::from_secs(120), || publisher.log()).await;
+    wait_for_messages(
+        &js,
+        &env.stream,
+        TOTAL as u64,
+        Duration::from_secs(120),
+        || publisher.log(),
+    )
+    .await;
     let elapsed = started.elapsed();
     println!(
         "20k test: {TOTAL} events from {WRITERS} writers delivered in {:.2}s ({:.0} events/s, write time included)",
@@ -43,7 +50,11 @@ async fn concurrent_writers_arrive_once_in_commit_order() {
     );
 
     let status = publisher.terminate(Duration::from_secs(30)).await;
-    assert!(status.success(), "clean shutdown exits 0; log:\n{}", publisher.log());
+    assert!(
+        status.success(),
+        "clean shutdown exits 0; log:\n{}",
+        publisher.log()
+    );
 
     let committed = oracle.rows(&env).await;
     assert_eq!(committed.len(), TOTAL);
@@ -52,10 +63,21 @@ async fn concurrent_writers_arrive_once_in_commit_order() {
 
     // Every message carries the tool's headers; subjects follow the template.
     let first = &stream[0];
-    for header in ["Outbox-Commit-Lsn", "Outbox-Table", "Outbox-Commit-Time", "writer"] {
-        assert!(first.headers.iter().any(|(k, _)| k == header), "missing {header}: {first:?}");
+    for header in [
+        "Outbox-Commit-Lsn",
+        "Outbox-Table",
+        "Outbox-Commit-Time",
+        "writer",
+    ] {
+        assert!(
+            first.headers.iter().any(|(k, _)| k == header),
+            "missing {header}: {first:?}"
+        );
     }
-    assert_eq!(first.subject, format!("{}.order.created", env.subject_prefix));
+    assert_eq!(
+        first.subject,
+        format!("{}.order.created", env.subject_prefix)
+    );
 
     // The final status update confirmed everything that was acked.
     let confirmed = env.confirmed_flush_lsn("outbox_cdc").await.expect("slot");

@@ -34,8 +34,19 @@ async fn nats_killed_and_restarted_mid_stream() {
     nats.restart().expect("restart NATS on the same store");
 
     let js = env.jetstream().await;
-    wait_for_messages(&js, &env.stream, EVENTS as u64, Duration::from_secs(120), || publisher.log()).await;
-    assert!(publisher.log().contains("retrying with backoff"), "{}", publisher.log());
+    wait_for_messages(
+        &js,
+        &env.stream,
+        EVENTS as u64,
+        Duration::from_secs(120),
+        || publisher.log(),
+    )
+    .await;
+    assert!(
+        publisher.log().contains("retrying with backoff"),
+        "{}",
+        publisher.log()
+    );
     let status = publisher.terminate(Duration::from_secs(30)).await;
     assert!(status.success(), "{}", publisher.log());
     let stream = read_stream(&js, &env.stream).await;
@@ -66,9 +77,19 @@ async fn postgres_restarted_mid_stream() {
     // Events written after the restart arrive too.
     write_events(&env.sql().await, "pg-after", 1_000, 10).await;
 
-    wait_for_messages(&js, &env.stream, (EVENTS + 1_000) as u64, Duration::from_secs(120), || publisher.log())
-        .await;
-    assert!(publisher.log().contains("retrying with backoff"), "{}", publisher.log());
+    wait_for_messages(
+        &js,
+        &env.stream,
+        (EVENTS + 1_000) as u64,
+        Duration::from_secs(120),
+        || publisher.log(),
+    )
+    .await;
+    assert!(
+        publisher.log().contains("retrying with backoff"),
+        "{}",
+        publisher.log()
+    );
     let status = publisher.terminate(Duration::from_secs(30)).await;
     assert!(status.success(), "{}", publisher.log());
     let stream = read_stream(&js, &env.stream).await;

@@ -41,7 +41,10 @@ async fn standby_takes_over_when_the_leader_dies() {
     );
 
     write_events(&client, "before", 2_000, 10).await;
-    wait_for_messages(&js, &env.stream, 2_000, Duration::from_secs(60), || first.log()).await;
+    wait_for_messages(&js, &env.stream, 2_000, Duration::from_secs(60), || {
+        first.log()
+    })
+    .await;
     assert!(!second.log().contains("is the leader"), "only one leader");
 
     first.kill9();
@@ -50,8 +53,14 @@ async fn standby_takes_over_when_the_leader_dies() {
     second
         .wait_for_log("this instance is the leader", Duration::from_secs(60))
         .await;
-    wait_for_messages(&js, &env.stream, 4_000, Duration::from_secs(60), || second.log()).await;
-    println!("standby took over and caught up {:.2}s after the leader was killed", killed.elapsed().as_secs_f64());
+    wait_for_messages(&js, &env.stream, 4_000, Duration::from_secs(60), || {
+        second.log()
+    })
+    .await;
+    println!(
+        "standby took over and caught up {:.2}s after the leader was killed",
+        killed.elapsed().as_secs_f64()
+    );
 
     let status = second.terminate(Duration::from_secs(30)).await;
     assert!(status.success(), "{}", second.log());

@@ -178,7 +178,11 @@ pub fn redact_url(text: &str) -> String {
             let pairs: Vec<(String, String)> = url
                 .query_pairs()
                 .map(|(k, v)| {
-                    let v = if k == "password" { "***".into() } else { v.into_owned() };
+                    let v = if k == "password" {
+                        "***".into()
+                    } else {
+                        v.into_owned()
+                    };
                     (k.into_owned(), v)
                 })
                 .collect();
@@ -224,8 +228,13 @@ impl DatabaseUrl {
     /// Settings for the ordinary SQL connection, with its TLS connector.
     pub fn sql_config(
         &self,
-    ) -> Result<(tokio_postgres::Config, tokio_postgres_rustls::MakeRustlsConnect), TlsSetupError>
-    {
+    ) -> Result<
+        (
+            tokio_postgres::Config,
+            tokio_postgres_rustls::MakeRustlsConnect,
+        ),
+        TlsSetupError,
+    > {
         let mut config = tokio_postgres::Config::new();
         if self.host.starts_with('/') {
             config.host_path(&self.host);
@@ -263,11 +272,15 @@ impl DatabaseUrl {
                 let mut roots = RootCertStore::empty();
                 match &self.sslrootcert {
                     Some(path) => {
-                        let certs = CertificateDer::pem_file_iter(path)
-                            .map_err(|e| TlsSetupError(format!("reading sslrootcert {}: {e}", path.display())))?;
+                        let certs = CertificateDer::pem_file_iter(path).map_err(|e| {
+                            TlsSetupError(format!("reading sslrootcert {}: {e}", path.display()))
+                        })?;
                         for cert in certs {
                             let cert = cert.map_err(|e| {
-                                TlsSetupError(format!("reading sslrootcert {}: {e}", path.display()))
+                                TlsSetupError(format!(
+                                    "reading sslrootcert {}: {e}",
+                                    path.display()
+                                ))
                             })?;
                             roots.add(cert).map_err(|e| {
                                 TlsSetupError(format!("sslrootcert {}: {e}", path.display()))
@@ -296,7 +309,9 @@ impl DatabaseUrl {
             (Some(cert), Some(key)) => {
                 let certs = CertificateDer::pem_file_iter(cert)
                     .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-                    .map_err(|e| TlsSetupError(format!("reading sslcert {}: {e}", cert.display())))?;
+                    .map_err(|e| {
+                        TlsSetupError(format!("reading sslcert {}: {e}", cert.display()))
+                    })?;
                 let key = PrivateKeyDer::from_pem_file(key)
                     .map_err(|e| TlsSetupError(format!("reading sslkey {}: {e}", key.display())))?;
                 builder
@@ -304,7 +319,9 @@ impl DatabaseUrl {
                     .map_err(|e| TlsSetupError(e.to_string()))
             }
             (None, None) => Ok(builder.with_no_client_auth()),
-            _ => Err(TlsSetupError("sslcert and sslkey must be given together".into())),
+            _ => Err(TlsSetupError(
+                "sslcert and sslkey must be given together".into(),
+            )),
         }
     }
 
@@ -440,14 +457,22 @@ mod tests {
         assert_eq!(url.password.as_ref().unwrap().expose(), "p:ss");
         assert_eq!(url.dbname, "orders");
         assert_eq!(url.sslmode, SslMode::VerifyFull);
-        assert_eq!(url.sslrootcert.as_deref(), Some(std::path::Path::new("/ca.pem")));
-        assert_eq!(url.to_string(), "postgres://app@x:***@db.example:6543/orders");
+        assert_eq!(
+            url.sslrootcert.as_deref(),
+            Some(std::path::Path::new("/ca.pem"))
+        );
+        assert_eq!(
+            url.to_string(),
+            "postgres://app@x:***@db.example:6543/orders"
+        );
         assert!(!format!("{url:?}").contains("p:ss"));
     }
 
     #[test]
     fn applies_defaults_and_socket_hosts() {
-        let url: DatabaseUrl = "postgresql://postgres@/app?host=/tmp/pg&port=5499".parse().unwrap();
+        let url: DatabaseUrl = "postgresql://postgres@/app?host=/tmp/pg&port=5499"
+            .parse()
+            .unwrap();
         assert_eq!(url.host, "/tmp/pg");
         assert_eq!(url.port, 5499);
         assert_eq!(url.sslmode, SslMode::Disable, "no TLS over Unix sockets");
@@ -461,8 +486,14 @@ mod tests {
     fn rejects_bad_urls_without_leaking_the_password() {
         for (bad, why) in [
             ("mysql://u:secret@h/db", "scheme"),
-            ("postgres://u:secret@h/db?sslmode=sometimes", "unknown sslmode"),
-            ("postgres://u:secret@h/db?frobnicate=1", "unsupported parameter"),
+            (
+                "postgres://u:secret@h/db?sslmode=sometimes",
+                "unknown sslmode",
+            ),
+            (
+                "postgres://u:secret@h/db?frobnicate=1",
+                "unsupported parameter",
+            ),
             ("postgres://:secret@h/db", "no user"),
             ("not a url", "relative URL"),
         ] {

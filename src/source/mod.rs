@@ -153,6 +153,16 @@ pub enum SourceError {
          recreate the slot, and re-publish from the table if needed"
     )]
     SlotInvalidated { slot: String, wal_status: String },
+    #[error(
+        "--start-lsn {requested} is older than the oldest position replication slot `{slot}` can \
+         still serve, {oldest}: the WAL before it is gone. Start at {oldest} or later; to keep \
+         history for replays, run with --replay-window"
+    )]
+    StartLsnUnavailable {
+        slot: String,
+        requested: Lsn,
+        oldest: Lsn,
+    },
     #[error("replication slot `{slot}` is in use by another connection (pid {})", pid.map_or("unknown".to_string(), |p| p.to_string()))]
     SlotBusy { slot: String, pid: Option<i32> },
     #[error("{context}: {detail}")]
@@ -255,6 +265,19 @@ pub struct SlotState {
     pub confirmed_flush_lsn: Option<Lsn>,
     pub restart_lsn: Option<Lsn>,
     pub wal_status: Option<String>,
+}
+
+/// What `setup` checks on the server before logical replication can work.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerReadiness {
+    pub wal_level: String,
+    pub max_replication_slots: i32,
+    pub replication_slots_used: i32,
+    pub max_wal_senders: i32,
+    pub role: String,
+    /// REPLICATION attribute or superuser.
+    pub role_can_replicate: bool,
+    pub server_version: String,
 }
 
 /// Ordinary SQL against the source database: checks, slot management, status.
@@ -397,6 +420,87 @@ impl Catalog {
         }))
     }
 
+    /// The server's current WAL write position.
+    pub async fn current_wal_lsn(&self) -> Result<Lsn, SourceError> {
+        let row = self
+            .client
+            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await
+            .map_err(|e| SourceError::query("reading pg_current_wal_lsn()", e))?;
+        let text: String = row.get(0);
+        text.parse()
+            .map_err(|e: crate::lsn::ParseLsnError| SourceError::Query {
+                context: "reading pg_current_wal_lsn()".into(),
+                detail: e.to_string(),
+                transient: false,
+            })
+    }
+
+    /// The server settings and role attributes logical replication depends on.
+    pub async fn readiness(&self) -> Result<ServerReadiness, SourceError> {
+        let row = self
+            .client
+            .query_one(
+                "SELECT current_setting('wal_level'),
+                        current_setting('max_replication_slots')::int,
+                        (SELECT count(*)::int FROM pg_replication_slots),
+                        current_setting('max_wal_senders')::int,
+                        current_user::text, r.rolreplication, r.rolsuper,
+                        current_setting('server_version')
+                   FROM pg_roles r WHERE r.rolname = current_user",
+                &[],
+            )
+            .await
+            .map_err(|e| SourceError::query("reading server settings", e))?;
+        Ok(ServerReadiness {
+            wal_level: row.get(0),
+            max_replication_slots: row.get(1),
+            replication_slots_used: row.get(2),
+            max_wal_senders: row.get(3),
+            role: row.get(4),
+            role_can_replicate: row.get::<_, bool>(5) || row.get::<_, bool>(6),
+            server_version: row.get(7),
+        })
+    }
+
+    /// `pg_class.relkind` of a table name as `to_regclass` resolves it (`r` table, `p`
+    /// partitioned table), or `None` when there is no such relation.
+    pub async fn relation_kind(&self, table: &str) -> Result<Option<char>, SourceError> {
+        let row = self
+            .client
+            .query_one(
+                "SELECT (SELECT relkind::text FROM pg_class WHERE oid = to_regclass($1))",
+                &[&table],
+            )
+            .await
+            .map_err(|e| SourceError::query(format!("looking up table `{table}`"), e))?;
+        Ok(row
+            .get::<_, Option<String>>(0)
+            .and_then(|kind| kind.chars().next()))
+    }
+
+    pub async fn publication_exists(
+        &self,
+        publication: &PublicationName,
+    ) -> Result<bool, SourceError> {
+        self.client
+            .query_opt(
+                "SELECT 1 FROM pg_publication WHERE pubname = $1",
+                &[&publication.as_str()],
+            )
+            .await
+            .map(|row| row.is_some())
+            .map_err(|e| SourceError::query("reading pg_publication", e))
+    }
+
+    /// Runs statements an operator asked for (`setup --apply`).
+    pub async fn apply(&self, sql: &str) -> Result<(), SourceError> {
+        self.client
+            .batch_execute(sql)
+            .await
+            .map_err(|e| SourceError::query(format!("applying `{}`", sql.trim()), e))
+    }
+
     /// Makes sure the slot exists (creating it unless told not to) and suits us.
     pub async fn ensure_slot(
         &self,
@@ -423,7 +527,12 @@ impl Catalog {
                 }
                 // Another instance created it a moment ago: fine.
                 Err(e) if e.code() == Some(&SqlState::DUPLICATE_OBJECT) => {}
-                Err(e) => return Err(SourceError::query(format!("creating replication slot `{slot}`"), e)),
+                Err(e) => {
+                    return Err(SourceError::query(
+                        format!("creating replication slot `{slot}`"),
+                        e,
+                    ));
+                }
             }
         }
         let state = self
@@ -487,7 +596,10 @@ impl ReplicationStream {
         let mut wire = ReplicationConfig::new(
             db.host.clone(),
             db.user.clone(),
-            db.password.as_ref().map(|p| p.expose().to_owned()).unwrap_or_default(),
+            db.password
+                .as_ref()
+                .map(|p| p.expose().to_owned())
+                .unwrap_or_default(),
             db.dbname.clone(),
             config.slot.as_str(),
             config.publication.as_str(),
@@ -602,11 +714,22 @@ mod tests {
                 "replication slot \"s\" is active for PID 4242 (SQLSTATE 55006)".into(),
             ),
         );
-        assert!(matches!(busy, SourceError::SlotBusy { pid: Some(4242), .. }), "{busy:?}");
+        assert!(
+            matches!(
+                busy,
+                SourceError::SlotBusy {
+                    pid: Some(4242),
+                    ..
+                }
+            ),
+            "{busy:?}"
+        );
 
         let shutdown = SourceError::from_wire(
             &slot,
-            PgWireError::Server("terminating connection due to administrator command (SQLSTATE 57P01)".into()),
+            PgWireError::Server(
+                "terminating connection due to administrator command (SQLSTATE 57P01)".into(),
+            ),
         );
         assert!(shutdown.is_transient());
 
@@ -621,7 +744,10 @@ mod tests {
             PgWireError::Io(std::sync::Arc::new(std::io::Error::other("reset"))),
         );
         assert!(io.is_transient());
-        let auth = SourceError::from_wire(&slot, PgWireError::Auth("password authentication failed".into()));
+        let auth = SourceError::from_wire(
+            &slot,
+            PgWireError::Auth("password authentication failed".into()),
+        );
         assert!(!auth.is_transient());
     }
 }

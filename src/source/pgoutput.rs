@@ -142,7 +142,11 @@ impl<'a> Iterator for TupleValues<'a> {
                 b'u' => ColumnValue::Unchanged,
                 b't' => ColumnValue::Text(reader.length_prefixed("text value")?),
                 b'b' => ColumnValue::Binary(reader.length_prefixed("binary value")?),
-                other => return Err(DecodeError::new(format!("unknown column kind {other:#04x}"))),
+                other => {
+                    return Err(DecodeError::new(format!(
+                        "unknown column kind {other:#04x}"
+                    )));
+                }
             };
             Ok(value)
         })();
@@ -355,7 +359,12 @@ mod tests {
 
     #[test]
     fn decodes_a_relation() {
-        let bytes = encode::relation(16384, "public", "outbox", &[("id", 2950), ("payload", 3802)]);
+        let bytes = encode::relation(
+            16384,
+            "public",
+            "outbox",
+            &[("id", 2950), ("payload", 3802)],
+        );
         let Message::Relation(rel) = decode(&bytes).unwrap() else {
             panic!("not a relation")
         };
@@ -378,13 +387,20 @@ mod tests {
         let values: Vec<_> = insert.tuple.values().collect::<Result<_, _>>().unwrap();
         assert_eq!(
             values,
-            [ColumnValue::Text(b"abc"), ColumnValue::Null, ColumnValue::Text(b"")]
+            [
+                ColumnValue::Text(b"abc"),
+                ColumnValue::Null,
+                ColumnValue::Text(b"")
+            ]
         );
         let ColumnValue::Text(text) = values[0] else {
             unreachable!()
         };
         let range = bytes.as_ptr_range();
-        assert!(range.contains(&text.as_ptr()), "value borrows from the frame");
+        assert!(
+            range.contains(&text.as_ptr()),
+            "value borrows from the frame"
+        );
     }
 
     #[test]
@@ -441,7 +457,12 @@ mod tests {
     fn rejects_a_wrong_tuple_marker_and_column_kind() {
         let mut bytes = encode::insert(7, &[Some(b"x")]);
         bytes[5] = b'O';
-        assert!(decode(&bytes).unwrap_err().to_string().contains("new-tuple marker"));
+        assert!(
+            decode(&bytes)
+                .unwrap_err()
+                .to_string()
+                .contains("new-tuple marker")
+        );
 
         let mut bytes = encode::insert(7, &[Some(b"x")]);
         bytes[8] = b'?';

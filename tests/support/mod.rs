@@ -3,8 +3,7 @@
 //! By default every test starts its own throwaway servers (see `outbox_cdc::embedded`).
 //! `OUTBOX_CDC_TEST_DATABASE_URL` (a superuser URL on a server with wal_level=logical) and
 //! `OUTBOX_CDC_TEST_NATS_URL` point the tests at existing servers instead; each test then works
-//! in a database, stream and subject prefix of its own. With the `testcontainers` feature and
-//! `OUTBOX_CDC_TEST_BACKEND=testcontainers`, the servers run in Docker containers.
+//! in a database, stream and subject prefix of its own.
 
 #![allow(dead_code)]
 
@@ -19,9 +18,6 @@ use async_nats::jetstream::{self, consumer, stream};
 use futures::StreamExt;
 use outbox_cdc::embedded::{EmbeddedNats, EmbeddedPostgres, PostgresOptions};
 use tokio_postgres::NoTls;
-
-#[cfg(feature = "testcontainers")]
-mod containers;
 
 pub const OUTBOX_SQL: &str = include_str!("../../sql/outbox.sql");
 
@@ -42,8 +38,6 @@ pub fn unique(prefix: &str) -> String {
 enum Backend {
     Embedded(Box<EmbeddedPostgres>),
     External,
-    #[cfg(feature = "testcontainers")]
-    Containers(containers::Running),
 }
 
 /// One test's servers: a database with the outbox table, and a NATS server.
@@ -64,7 +58,11 @@ impl TestEnv {
     /// Servers with default settings and the recommended outbox table and publication.
     pub async fn start() -> TestEnv {
         let env = Self::start_bare(PostgresOptions::default()).await;
-        env.sql().await.batch_execute(OUTBOX_SQL).await.expect("create outbox");
+        env.sql()
+            .await
+            .batch_execute(OUTBOX_SQL)
+            .await
+            .expect("create outbox");
         env
     }
 
@@ -72,21 +70,6 @@ impl TestEnv {
     pub async fn start_bare(options: PostgresOptions) -> TestEnv {
         let subject_prefix = unique("t");
         let stream = unique("S").to_uppercase();
-        #[cfg(feature = "testcontainers")]
-        if std::env::var("OUTBOX_CDC_TEST_BACKEND").as_deref() == Ok("testcontainers") {
-            let running = containers::Running::start().await;
-            let database_url = running.database_url.clone();
-            let nats_url = running.nats_url.clone();
-            return TestEnv {
-                _postgres: Backend::Containers(running),
-                nats: None,
-                database_url,
-                nats_url,
-                database: "postgres".into(),
-                subject_prefix,
-                stream,
-            };
-        }
         let external_pg = std::env::var("OUTBOX_CDC_TEST_DATABASE_URL").ok();
         let uses_defaults = options.wal_level == "logical"
             && options.settings.is_empty()
@@ -157,7 +140,9 @@ impl TestEnv {
     }
 
     pub async fn jetstream(&self) -> jetstream::Context {
-        let client = async_nats::connect(&self.nats_url).await.expect("connect to NATS");
+        let client = async_nats::connect(&self.nats_url)
+            .await
+            .expect("connect to NATS");
         jetstream::new(client)
     }
 
@@ -191,6 +176,9 @@ impl TestEnv {
             self.subject_template(),
             "--status-interval".into(),
             "200ms".into(),
+            // Tests run side by side: each endpoint on a free port (see `Publisher::http_addr`).
+            "--http-addr".into(),
+            "127.0.0.1:0".into(),
         ]
     }
 
@@ -226,7 +214,8 @@ impl TestEnv {
             )
             .await
             .expect("read slot");
-        row.and_then(|r| r.get::<_, Option<i64>>(0)).map(|v| v as u64)
+        row.and_then(|r| r.get::<_, Option<i64>>(0))
+            .map(|v| v as u64)
     }
 }
 
@@ -346,6 +335,20 @@ impl Publisher {
         text
     }
 
+    /// The address of the /healthz, /readyz and /metrics endpoint, from the start-up log.
+    pub async fn http_addr(&self) -> String {
+        self.wait_for_log("serving /healthz", Duration::from_secs(30))
+            .await;
+        let log = self.log();
+        log.split_once("on http://")
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .map(|addr| {
+                addr.trim_end_matches(|c: char| !c.is_ascii_digit())
+                    .to_owned()
+            })
+            .unwrap_or_else(|| panic!("no HTTP address in the log:\n{log}"))
+    }
+
     /// Waits until the log contains `needle`; panics with the log otherwise.
     pub async fn wait_for_log(&self, needle: &str, timeout: Duration) {
         let deadline = Instant::now() + timeout;
@@ -355,7 +358,10 @@ impl Publisher {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        panic!("publisher log never contained {needle:?}; log:\n{}", self.log());
+        panic!(
+            "publisher log never contained {needle:?}; log:\n{}",
+            self.log()
+        );
     }
 
     /// SIGKILL: a crash.
@@ -385,7 +391,10 @@ impl Publisher {
                 return status;
             }
             if Instant::now() > deadline {
-                panic!("publisher did not exit within {timeout:?}; log:\n{}", self.log());
+                panic!(
+                    "publisher did not exit within {timeout:?}; log:\n{}",
+                    self.log()
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -507,8 +516,15 @@ pub fn assert_exactly_once_in_order(stream: &[Received], oracle: &[CommittedRow]
     assert_eq!(unique.len(), ids.len(), "the stream holds duplicates");
     let expected: Vec<&str> = oracle.iter().map(|r| r.id.as_str()).collect();
     let missing = expected.iter().filter(|id| !unique.contains(*id)).count();
-    assert_eq!(missing, 0, "{missing} committed events are missing from the stream");
-    assert_eq!(ids.len(), expected.len(), "the stream holds events the oracle does not");
+    assert_eq!(
+        missing, 0,
+        "{missing} committed events are missing from the stream"
+    );
+    assert_eq!(
+        ids.len(),
+        expected.len(),
+        "the stream holds events the oracle does not"
+    );
     if let Some(i) = ids.iter().zip(&expected).position(|(a, b)| a != b) {
         panic!(
             "stream order differs from commit order at position {i}: stream has {}, commit order has {}",
@@ -524,4 +540,52 @@ pub fn rows_committed_through(oracle: &[CommittedRow], lsn: u64) -> usize {
 
 pub fn exit_code(status: ExitStatus) -> Option<i32> {
     status.code()
+}
+
+/// Runs `outbox-cdc <args>` to completion (blocking the calling thread), with the environment's
+/// URL variables removed so only the arguments count.
+pub fn run_command(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_outbox-cdc"))
+        .args(args)
+        .env_remove("DATABASE_URL")
+        .env_remove("NATS_URL")
+        .env_remove("OUTBOX_CDC_DATABASE_URL")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run outbox-cdc")
+}
+
+/// stdout and stderr of a finished command, for assertions and failure messages.
+pub fn output_text(output: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// A plain HTTP/1.1 GET: (status code, body).
+pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::Write;
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect to the HTTP endpoint");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read response");
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP response: {response}"));
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default();
+    (status, body)
 }
