@@ -130,16 +130,33 @@ impl Checkpoint {
         };
         let store = match context.get_key_value(bucket).await {
             Ok(store) => store,
-            Err(_) => context
-                .create_key_value(jetstream::kv::Config {
-                    bucket: bucket.to_owned(),
-                    description: "outbox-cdc: newest published LSN per replication slot".into(),
-                    history: 1,
-                    storage: stream::StorageType::File,
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| fail(format!("creating the bucket: {e}")))?,
+            Err(_) => {
+                // The bucket's backing stream is created directly: async-nats's
+                // `create_key_value` first reads the account info, whose shape on servers
+                // before 2.10 it fails to parse. This is the stream it would create.
+                context
+                    .get_or_create_stream(stream::Config {
+                        name: format!("KV_{bucket}"),
+                        subjects: vec![format!("$KV.{bucket}.>")],
+                        description: Some(
+                            "outbox-cdc: newest published LSN per replication slot".into(),
+                        ),
+                        max_messages_per_subject: 1,
+                        allow_rollup: true,
+                        deny_delete: true,
+                        allow_direct: true,
+                        discard: stream::DiscardPolicy::New,
+                        storage: stream::StorageType::File,
+                        duplicate_window: Duration::from_secs(120),
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(|e| fail(format!("creating the bucket: {e}")))?;
+                context
+                    .get_key_value(bucket)
+                    .await
+                    .map_err(|e| fail(format!("opening the bucket: {e}")))?
+            }
         };
         let saved =
             match store.get(key).await {

@@ -27,13 +27,6 @@ async fn wait_for_status(addr: &str, path: &str, want: u16, publisher: &Publishe
     }
 }
 
-fn metric(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leader_and_standby_report_health_readiness_and_metrics() {
     let mut env = TestEnv::start().await;

@@ -589,3 +589,39 @@ pub fn http_get(addr: &str, path: &str) -> (u16, String) {
         .unwrap_or_default();
     (status, body)
 }
+
+/// The value of one sample (`name` including labels, e.g. `x_total{kind="a"}`) in Prometheus text.
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// `/metrics` of a running publisher.
+pub async fn metrics_of(publisher: &Publisher) -> String {
+    let addr = publisher.http_addr().await;
+    let (status, text) = tokio::task::spawn_blocking(move || http_get(&addr, "/metrics"))
+        .await
+        .expect("join");
+    assert_eq!(status, 200, "{text}");
+    text
+}
+
+/// Polls `/metrics` until sample `name` equals `want`; returns the text.
+pub async fn wait_for_metric(publisher: &Publisher, name: &str, want: f64) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = metrics_of(publisher).await;
+        if metric(&text, name) == Some(want) {
+            return text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name} is {:?}, not {want}; metrics:\n{text}\nlog:\n{}",
+            metric(&text, name),
+            publisher.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
