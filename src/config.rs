@@ -1,6 +1,7 @@
 //! Command line and environment. Every flag `--some-flag` also reads `OUTBOX_CDC_SOME_FLAG`;
 //! `--database-url` falls back to `DATABASE_URL` and `--nats-url` to `NATS_URL`.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -9,7 +10,7 @@ use crate::lsn::Lsn;
 use crate::mapping::{DEFAULT_SUBJECT_TEMPLATE, MappingConfig, SubjectTemplate};
 use crate::pipeline::PipelineSettings;
 use crate::secret::Secret;
-use crate::sink::SinkConfig;
+use crate::sink::{NatsAuth, SinkConfig};
 use crate::source::connection::{DatabaseUrl, DatabaseUrlError};
 use crate::source::{PublicationName, SlotName, SourceConfig};
 
@@ -58,6 +59,26 @@ pub struct RunArgs {
     /// [env: OUTBOX_CDC_NATS_URL, then NATS_URL; default nats://127.0.0.1:4222]
     #[arg(long, env = "OUTBOX_CDC_NATS_URL", hide_env_values = true)]
     pub nats_url: Option<String>,
+
+    /// NATS credentials file (user JWT and NKey seed), e.g. from `nsc generate creds`.
+    #[arg(long, env = "OUTBOX_CDC_NATS_CREDS", value_name = "FILE")]
+    pub nats_creds: Option<PathBuf>,
+
+    /// File holding the NKey seed (`SU…`) to authenticate to NATS with.
+    #[arg(long, env = "OUTBOX_CDC_NATS_NKEY", value_name = "FILE")]
+    pub nats_nkey: Option<PathBuf>,
+
+    /// CA certificate (PEM) to verify the NATS server with; turns TLS on.
+    #[arg(long, env = "OUTBOX_CDC_NATS_TLS_CA", value_name = "FILE")]
+    pub nats_tls_ca: Option<PathBuf>,
+
+    /// Client certificate (PEM) for mutual TLS with NATS; needs --nats-tls-key.
+    #[arg(long, env = "OUTBOX_CDC_NATS_TLS_CERT", value_name = "FILE")]
+    pub nats_tls_cert: Option<PathBuf>,
+
+    /// Client private key (PEM) for mutual TLS with NATS.
+    #[arg(long, env = "OUTBOX_CDC_NATS_TLS_KEY", value_name = "FILE")]
+    pub nats_tls_key: Option<PathBuf>,
 
     /// Logical replication slot (created with the pgoutput plugin when missing).
     #[arg(long, env = "OUTBOX_CDC_SLOT", default_value = "outbox_cdc")]
@@ -253,6 +274,13 @@ impl RunArgs {
             },
             sink: SinkConfig {
                 urls: Secret::new(nats_url),
+                auth: NatsAuth {
+                    creds_file: self.nats_creds,
+                    nkey_file: self.nats_nkey,
+                    tls_ca: self.nats_tls_ca,
+                    tls_cert: self.nats_tls_cert,
+                    tls_key: self.nats_tls_key,
+                },
                 stream: self.stream,
                 capture_subjects,
                 duplicate_window: self.duplicate_window,

@@ -8,6 +8,7 @@
 //! re-sends from the slot's confirmed position on a fresh connection (JetStream drops what it
 //! already has by `Nats-Msg-Id`).
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -29,12 +30,141 @@ pub const MIN_SAFE_DUPLICATE_WINDOW: Duration = Duration::from_secs(5 * 60);
 pub struct SinkConfig {
     /// Comma-separated server URLs; credentials in a URL are secret.
     pub urls: Secret,
+    pub auth: NatsAuth,
     /// A stream to create when missing, capturing `capture_subjects`.
     pub stream: Option<String>,
     pub capture_subjects: Vec<String>,
     pub duplicate_window: Duration,
     pub ack_timeout: Duration,
     pub max_in_flight: usize,
+}
+
+/// How to authenticate to NATS and verify it, besides credentials in the URL
+/// (`nats://user:password@host`, `nats://token@host`).
+#[derive(Debug, Clone, Default)]
+pub struct NatsAuth {
+    /// A `.creds` file (user JWT and NKey seed).
+    pub creds_file: Option<PathBuf>,
+    /// A file holding an NKey seed (`SU…`).
+    pub nkey_file: Option<PathBuf>,
+    /// CA certificate(s) to verify the server with; implies TLS.
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate and key for mutual TLS.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+}
+
+impl NatsAuth {
+    /// Connect options for `urls`, and the server addresses with their credentials taken out
+    /// (async-nats ignores credentials inside a URL, so they become options here).
+    pub async fn connect_options(
+        &self,
+        urls: &Secret,
+    ) -> Result<(async_nats::ConnectOptions, Vec<async_nats::ServerAddr>), SinkError> {
+        let invalid = |detail: String| SinkError::Connect {
+            target: redact_nats_url(urls.expose()),
+            detail,
+            transient: false,
+        };
+        let mut options = async_nats::ConnectOptions::new();
+        let mut addresses = Vec::new();
+        let mut url_credentials: Option<(String, Option<String>)> = None;
+        for text in urls
+            .expose()
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+        {
+            let with_scheme = if text.contains("://") {
+                text.to_owned()
+            } else {
+                format!("nats://{text}")
+            };
+            let mut url = url::Url::parse(&with_scheme)
+                .map_err(|e| invalid(format!("`{}` is not a URL: {e}", redact_nats_url(text))))?;
+            if !url.username().is_empty() {
+                let decode = |s: &str| {
+                    percent_encoding::percent_decode_str(s)
+                        .decode_utf8_lossy()
+                        .into_owned()
+                };
+                let found = (decode(url.username()), url.password().map(decode));
+                if url_credentials.as_ref().is_some_and(|c| *c != found) {
+                    return Err(invalid(
+                        "the URLs carry different credentials; give every server the same".into(),
+                    ));
+                }
+                url_credentials = Some(found);
+                let _ = url.set_username("");
+                let _ = url.set_password(None);
+            }
+            let address = url
+                .as_str()
+                .parse::<async_nats::ServerAddr>()
+                .map_err(|e| invalid(format!("`{}`: {e}", redact_nats_url(text))))?;
+            addresses.push(address);
+        }
+        if addresses.is_empty() {
+            return Err(invalid("no server URL given".into()));
+        }
+        match url_credentials {
+            Some((user, Some(password))) => options = options.user_and_password(user, password),
+            Some((token, None)) => options = options.token(token),
+            None => {}
+        }
+        if let Some(path) = &self.creds_file {
+            options = options.credentials_file(path).await.map_err(|e| {
+                invalid(format!(
+                    "reading the credentials file {}: {e}",
+                    path.display()
+                ))
+            })?;
+        }
+        if let Some(path) = &self.nkey_file {
+            let seed = std::fs::read_to_string(path).map_err(|e| {
+                invalid(format!(
+                    "reading the NKey seed file {}: {e}",
+                    path.display()
+                ))
+            })?;
+            let seed = seed.trim();
+            if !seed.starts_with('S') {
+                return Err(invalid(format!(
+                    "{} does not hold an NKey seed (it starts with `S`, e.g. SUAM…)",
+                    path.display()
+                )));
+            }
+            options = options.nkey(seed.to_owned());
+        }
+        if let Some(path) = &self.tls_ca {
+            require_file(path, "--nats-tls-ca").map_err(invalid)?;
+            options = options
+                .add_root_certificates(path.clone())
+                .require_tls(true);
+        }
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => {
+                require_file(cert, "--nats-tls-cert").map_err(invalid)?;
+                require_file(key, "--nats-tls-key").map_err(invalid)?;
+                options = options
+                    .add_client_certificate(cert.clone(), key.clone())
+                    .require_tls(true);
+            }
+            (None, None) => {}
+            _ => {
+                return Err(invalid(
+                    "--nats-tls-cert and --nats-tls-key go together".into(),
+                ));
+            }
+        }
+        Ok((options, addresses))
+    }
+}
+
+fn require_file(path: &Path, flag: &str) -> Result<(), String> {
+    std::fs::metadata(path)
+        .map(|_| ())
+        .map_err(|e| format!("{flag} {}: {e}", path.display()))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -244,7 +374,8 @@ impl JetStreamSink {
         let (disconnected_tx, disconnected) = watch::channel(false);
         let connected_once = Arc::new(AtomicBool::new(false));
         let connected_flag = connected_once.clone();
-        let options = async_nats::ConnectOptions::new()
+        let (options, addresses) = config.auth.connect_options(&config.urls).await?;
+        let options = options
             .name("outbox-cdc")
             .connection_timeout(Duration::from_secs(5))
             .event_callback(move |event| {
@@ -268,15 +399,8 @@ impl JetStreamSink {
                     Duration::ZERO
                 }
             });
-        let urls: Vec<&str> = config
-            .urls
-            .expose()
-            .split(',')
-            .map(str::trim)
-            .filter(|u| !u.is_empty())
-            .collect();
         let client = options
-            .connect(urls.as_slice())
+            .connect(addresses)
             .await
             .map_err(|err| SinkError::Connect {
                 target,

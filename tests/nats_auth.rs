@@ -1,0 +1,126 @@
+//! NATS authentication against servers configured for it: a token and a user/password in the
+//! URL, an NKey seed file; wrong credentials fail at once, and no secret reaches the log.
+
+mod support;
+
+use std::time::Duration;
+
+use async_nats::jetstream;
+use outbox_cdc::embedded::EmbeddedNats;
+use support::*;
+
+async fn start_nats(config: String) -> EmbeddedNats {
+    tokio::task::spawn_blocking(move || EmbeddedNats::start_with_config(&config))
+        .await
+        .expect("join")
+        .unwrap_or_else(|e| panic!("start NATS: {e}"))
+}
+
+/// Publisher arguments pointing at `nats_url` instead of the environment's server, creating
+/// the test's stream itself.
+fn args_for(env: &TestEnv, nats_url: &str, extra: &[&str]) -> Vec<String> {
+    let mut args = env.publisher_args();
+    let at = args
+        .iter()
+        .position(|a| a == "--nats-url")
+        .expect("harness sets --nats-url");
+    args[at + 1] = nats_url.to_owned();
+    args.extend(["--stream".to_owned(), env.stream.clone()]);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+async fn publish_and_check(
+    env: &TestEnv,
+    js: &jetstream::Context,
+    args: &[String],
+    expect_total: u64,
+    secret: &str,
+) {
+    let mut publisher = Publisher::start(args);
+    publisher
+        .wait_for_log("this instance is the leader", Duration::from_secs(30))
+        .await;
+    write_events(&env.sql().await, "w", 10, 5).await;
+    wait_for_messages(
+        js,
+        &env.stream,
+        expect_total,
+        Duration::from_secs(30),
+        || publisher.log(),
+    )
+    .await;
+    let status = publisher.terminate(Duration::from_secs(30)).await;
+    assert!(status.success(), "{}", publisher.log());
+    assert!(
+        !publisher.log().contains(secret),
+        "the secret reached the log:\n{}",
+        publisher.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_in_the_url_authenticates_and_a_wrong_one_fails_clearly() {
+    const TOKEN: &str = "s3cr3t-t0ken";
+    let env = TestEnv::start().await;
+    let nats = start_nats(format!("authorization {{ token: \"{TOKEN}\" }}")).await;
+    let client = async_nats::ConnectOptions::with_token(TOKEN.into())
+        .connect(nats.url())
+        .await
+        .expect("connect with the token");
+    let js = jetstream::new(client);
+
+    let url = format!("nats://{TOKEN}@127.0.0.1:{}", nats.port());
+    publish_and_check(&env, &js, &args_for(&env, &url, &[]), 10, TOKEN).await;
+
+    let wrong = format!("nats://not-{TOKEN}@127.0.0.1:{}", nats.port());
+    let mut publisher = Publisher::start(&args_for(&env, &wrong, &[]));
+    let status = publisher.wait_exit(Duration::from_secs(30)).await;
+    let log = publisher.log();
+    assert_eq!(exit_code(status), Some(1), "{log}");
+    assert!(log.contains("cannot connect to NATS"), "{log}");
+    assert!(log.contains("***@127.0.0.1"), "{log}");
+    assert!(!log.contains(TOKEN), "the token reached the log:\n{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_password_in_the_url_and_an_nkey_seed_file_authenticate() {
+    const PASSWORD: &str = "p@ss:w/rd";
+    let env = TestEnv::start().await;
+    let user_key = nkeys::KeyPair::new_user();
+    let seed = user_key.seed().expect("seed");
+    let nats = start_nats(format!(
+        "authorization {{ users = [ {{ user: \"app\", password: \"{PASSWORD}\" }}, {{ nkey: \"{}\" }} ] }}",
+        user_key.public_key()
+    ))
+    .await;
+    let client = async_nats::ConnectOptions::with_user_and_password("app".into(), PASSWORD.into())
+        .connect(nats.url())
+        .await
+        .expect("connect as app");
+    let js = jetstream::new(client);
+
+    // The password needs percent-encoding in a URL.
+    let url = format!("nats://app:p%40ss%3Aw%2Frd@127.0.0.1:{}", nats.port());
+    publish_and_check(&env, &js, &args_for(&env, &url, &[]), 10, "w%2Frd").await;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let seed_file = dir.path().join("outbox-cdc.nk");
+    std::fs::write(&seed_file, format!("{seed}\n")).expect("write seed");
+    let args = args_for(
+        &env,
+        &nats.url(),
+        &["--nats-nkey", seed_file.to_str().expect("utf-8 path")],
+    );
+    publish_and_check(&env, &js, &args, 20, &seed).await;
+
+    // Without credentials the server refuses, and the tool says so instead of retrying forever.
+    let mut publisher = Publisher::start(&args_for(&env, &nats.url(), &[]));
+    let status = publisher.wait_exit(Duration::from_secs(30)).await;
+    let log = publisher.log();
+    assert_eq!(exit_code(status), Some(1), "{log}");
+    assert!(log.contains("cannot connect to NATS"), "{log}");
+
+    let stream = read_stream(&js, &env.stream).await;
+    assert_eq!(stream.len(), 20);
+}
