@@ -7,6 +7,7 @@ use serde::Serialize;
 
 use crate::config::resolve_database_url;
 use crate::lsn::Lsn;
+use crate::sink::Checkpoint;
 use crate::source::connection::DatabaseUrl;
 use crate::source::{Catalog, PublicationName, SlotName, SourceError};
 
@@ -55,6 +56,19 @@ pub struct StatusArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+
+    /// With a NATS URL (flag, OUTBOX_CDC_NATS_URL or NATS_URL), also show the checkpoint that
+    /// `run --replay-window` keeps.
+    #[command(flatten)]
+    pub nats: crate::config::NatsArgs,
+
+    /// KV bucket of the checkpoint.
+    #[arg(
+        long,
+        env = "OUTBOX_CDC_CHECKPOINT_BUCKET",
+        default_value = "outbox_cdc"
+    )]
+    pub checkpoint_bucket: String,
 }
 
 /// The slot as `status` reports it.
@@ -73,6 +87,11 @@ pub struct SlotStatus {
     /// WAL the slot keeps on disk (from `restart_lsn`), in bytes.
     pub retained_bytes: Option<u64>,
     pub wal_status: Option<String>,
+    /// The newest published position saved in NATS KV (`run --replay-window`).
+    pub checkpoint_lsn: Option<String>,
+    /// Why there is no checkpoint position, when there is none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub checkpoint_note: Option<String>,
 }
 
 /// Prints the slot's state; an error when the slot is missing or invalidated.
@@ -87,6 +106,19 @@ pub async fn status(args: StatusArgs) -> Result<(), AdminError> {
         })?;
     let server = catalog.current_wal_lsn().await?;
     let behind = |lsn: Option<Lsn>| lsn.map(|lsn| server.bytes_since(lsn));
+    let (checkpoint_lsn, checkpoint_note) = if args.nats.url().is_none() {
+        (None, Some("not read: no NATS URL given".to_owned()))
+    } else {
+        let (urls, auth) = args.nats.resolve()?;
+        match Checkpoint::read(&urls, &auth, &args.checkpoint_bucket, slot.as_str()).await {
+            Ok(Some(lsn)) => (Some(lsn.to_string()), None),
+            Ok(None) => (
+                None,
+                Some(format!("none saved in bucket `{}`", args.checkpoint_bucket)),
+            ),
+            Err(e) => (None, Some(format!("not read: {e}"))),
+        }
+    };
     let status = SlotStatus {
         slot: slot.to_string(),
         plugin: state.plugin.clone(),
@@ -99,6 +131,8 @@ pub async fn status(args: StatusArgs) -> Result<(), AdminError> {
         lag_bytes: behind(state.confirmed_flush_lsn),
         retained_bytes: behind(state.restart_lsn),
         wal_status: state.wal_status.clone(),
+        checkpoint_lsn,
+        checkpoint_note,
     };
     if args.json {
         println!(
@@ -142,6 +176,14 @@ fn render_status(s: &SlotStatus) -> String {
     line("lag", bytes(s.lag_bytes));
     line("retained WAL", bytes(s.retained_bytes));
     line("wal_status", s.wal_status.clone().unwrap_or_else(none));
+    line(
+        "checkpoint",
+        match (&s.checkpoint_lsn, &s.checkpoint_note) {
+            (Some(lsn), _) => lsn.clone(),
+            (None, Some(note)) => format!("- ({note})"),
+            (None, None) => none(),
+        },
+    );
     out
 }
 
@@ -370,7 +412,10 @@ mod tests {
             lag_bytes: Some(16),
             retained_bytes: None,
             wal_status: Some("reserved".into()),
+            checkpoint_lsn: Some("0/18".into()),
+            checkpoint_note: None,
         });
+        assert!(text.contains("checkpoint            0/18"), "{text}");
         assert!(text.contains("yes (pid 42)"), "{text}");
         assert!(text.contains("16 bytes"), "{text}");
         assert!(text.contains("retained WAL          -"), "{text}");

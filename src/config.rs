@@ -55,30 +55,8 @@ pub struct RunArgs {
     #[arg(long, env = "OUTBOX_CDC_DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
 
-    /// NATS server URLs, comma-separated, e.g. nats://host1:4222,nats://host2:4222
-    /// [env: OUTBOX_CDC_NATS_URL, then NATS_URL; default nats://127.0.0.1:4222]
-    #[arg(long, env = "OUTBOX_CDC_NATS_URL", hide_env_values = true)]
-    pub nats_url: Option<String>,
-
-    /// NATS credentials file (user JWT and NKey seed), e.g. from `nsc generate creds`.
-    #[arg(long, env = "OUTBOX_CDC_NATS_CREDS", value_name = "FILE")]
-    pub nats_creds: Option<PathBuf>,
-
-    /// File holding the NKey seed (`SU…`) to authenticate to NATS with.
-    #[arg(long, env = "OUTBOX_CDC_NATS_NKEY", value_name = "FILE")]
-    pub nats_nkey: Option<PathBuf>,
-
-    /// CA certificate (PEM) to verify the NATS server with; turns TLS on.
-    #[arg(long, env = "OUTBOX_CDC_NATS_TLS_CA", value_name = "FILE")]
-    pub nats_tls_ca: Option<PathBuf>,
-
-    /// Client certificate (PEM) for mutual TLS with NATS; needs --nats-tls-key.
-    #[arg(long, env = "OUTBOX_CDC_NATS_TLS_CERT", value_name = "FILE")]
-    pub nats_tls_cert: Option<PathBuf>,
-
-    /// Client private key (PEM) for mutual TLS with NATS.
-    #[arg(long, env = "OUTBOX_CDC_NATS_TLS_KEY", value_name = "FILE")]
-    pub nats_tls_key: Option<PathBuf>,
+    #[command(flatten)]
+    pub nats: NatsArgs,
 
     /// Logical replication slot (created with the pgoutput plugin when missing).
     #[arg(long, env = "OUTBOX_CDC_SLOT", default_value = "outbox_cdc")]
@@ -166,6 +144,71 @@ pub struct RunArgs {
     pub http_addr: HttpAddr,
 }
 
+/// Where NATS is and how to authenticate to it.
+#[derive(Debug, Clone, Default, Args)]
+pub struct NatsArgs {
+    /// NATS server URLs, comma-separated, e.g. nats://host1:4222,nats://host2:4222
+    /// [env: OUTBOX_CDC_NATS_URL, then NATS_URL; default nats://127.0.0.1:4222]
+    #[arg(long, env = "OUTBOX_CDC_NATS_URL", hide_env_values = true)]
+    pub nats_url: Option<String>,
+
+    /// NATS credentials file (user JWT and NKey seed), e.g. from `nsc generate creds`.
+    #[arg(long, env = "OUTBOX_CDC_NATS_CREDS", value_name = "FILE")]
+    pub nats_creds: Option<PathBuf>,
+
+    /// File holding the NKey seed (`SU…`) to authenticate to NATS with.
+    #[arg(long, env = "OUTBOX_CDC_NATS_NKEY", value_name = "FILE")]
+    pub nats_nkey: Option<PathBuf>,
+
+    /// CA certificate (PEM) to verify the NATS server with; turns TLS on.
+    #[arg(long, env = "OUTBOX_CDC_NATS_TLS_CA", value_name = "FILE")]
+    pub nats_tls_ca: Option<PathBuf>,
+
+    /// Client certificate (PEM) for mutual TLS with NATS; needs --nats-tls-key.
+    #[arg(long, env = "OUTBOX_CDC_NATS_TLS_CERT", value_name = "FILE")]
+    pub nats_tls_cert: Option<PathBuf>,
+
+    /// Client private key (PEM) for mutual TLS with NATS.
+    #[arg(long, env = "OUTBOX_CDC_NATS_TLS_KEY", value_name = "FILE")]
+    pub nats_tls_key: Option<PathBuf>,
+}
+
+impl NatsArgs {
+    /// The flag's value (or `OUTBOX_CDC_NATS_URL`), else `NATS_URL`.
+    pub fn url(&self) -> Option<String> {
+        self.nats_url
+            .clone()
+            .filter(|u| !u.is_empty())
+            .or_else(|| std::env::var("NATS_URL").ok().filter(|u| !u.is_empty()))
+    }
+
+    /// Checked URLs (default `nats://127.0.0.1:4222`) and authentication settings.
+    pub fn resolve(&self) -> Result<(Secret, NatsAuth), ConfigError> {
+        let nats_url = self.url().unwrap_or_else(|| "nats://127.0.0.1:4222".into());
+        for url in nats_url.split(',').map(str::trim) {
+            let parsed = if url.contains("://") {
+                url::Url::parse(url).map(|_| ())
+            } else {
+                url::Url::parse(&format!("nats://{url}")).map(|_| ())
+            };
+            if let Err(e) = parsed {
+                return Err(ConfigError::NatsUrl(
+                    crate::sink::redact_nats_url(url),
+                    e.to_string(),
+                ));
+            }
+        }
+        let auth = NatsAuth {
+            creds_file: self.nats_creds.clone(),
+            nkey_file: self.nats_nkey.clone(),
+            tls_ca: self.nats_tls_ca.clone(),
+            tls_cert: self.nats_tls_cert.clone(),
+            tls_key: self.nats_tls_key.clone(),
+        };
+        Ok((Secret::new(nats_url), auth))
+    }
+}
+
 /// Where the HTTP endpoint listens, if anywhere.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HttpAddr(pub Option<std::net::SocketAddr>);
@@ -242,24 +285,7 @@ impl RunArgs {
 
     pub fn resolve(self) -> Result<RunConfig, ConfigError> {
         let database = resolve_database_url(self.database_url)?;
-        let nats_url = self
-            .nats_url
-            .filter(|u| !u.is_empty())
-            .or_else(|| std::env::var("NATS_URL").ok().filter(|u| !u.is_empty()))
-            .unwrap_or_else(|| "nats://127.0.0.1:4222".into());
-        for url in nats_url.split(',').map(str::trim) {
-            let parsed = if url.contains("://") {
-                url::Url::parse(url).map(|_| ())
-            } else {
-                url::Url::parse(&format!("nats://{url}")).map(|_| ())
-            };
-            if let Err(e) = parsed {
-                return Err(ConfigError::NatsUrl(
-                    crate::sink::redact_nats_url(url),
-                    e.to_string(),
-                ));
-            }
-        }
+        let (nats_urls, nats_auth) = self.nats.resolve()?;
         if self.status_interval < Duration::from_millis(10) {
             return Err(ConfigError::StatusInterval);
         }
@@ -273,14 +299,8 @@ impl RunArgs {
                 status_interval: self.status_interval,
             },
             sink: SinkConfig {
-                urls: Secret::new(nats_url),
-                auth: NatsAuth {
-                    creds_file: self.nats_creds,
-                    nkey_file: self.nats_nkey,
-                    tls_ca: self.nats_tls_ca,
-                    tls_cert: self.nats_tls_cert,
-                    tls_key: self.nats_tls_key,
-                },
+                urls: nats_urls,
+                auth: nats_auth,
                 stream: self.stream,
                 capture_subjects,
                 duplicate_window: self.duplicate_window,

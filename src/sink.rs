@@ -308,6 +308,48 @@ impl Checkpoint {
         Ok((checkpoint, saved))
     }
 
+    /// Reads the saved position without creating anything (for `status`): None when the bucket
+    /// or the key does not exist.
+    pub async fn read(
+        urls: &Secret,
+        auth: &NatsAuth,
+        bucket: &str,
+        key: &str,
+    ) -> Result<Option<Lsn>, SinkError> {
+        let fail = |detail: String| SinkError::Checkpoint {
+            bucket: bucket.to_owned(),
+            detail,
+        };
+        let (options, addresses) = auth.connect_options(urls).await?;
+        let client = options
+            .connection_timeout(Duration::from_secs(5))
+            .connect(addresses)
+            .await
+            .map_err(|e| SinkError::Connect {
+                target: redact_nats_url(urls.expose()),
+                detail: e.to_string(),
+                transient: true,
+            })?;
+        let context = jetstream::new(client);
+        let store = match context.get_key_value(bucket).await {
+            Ok(store) => store,
+            Err(e) if e.kind() == jetstream::context::KeyValueErrorKind::GetBucket => {
+                return Ok(None);
+            }
+            Err(e) => return Err(fail(format!("opening the bucket: {e}"))),
+        };
+        match store.get(key).await {
+            Ok(Some(value)) => {
+                let text = String::from_utf8_lossy(&value);
+                text.parse::<Lsn>()
+                    .map(Some)
+                    .map_err(|e| fail(format!("key `{key}` holds `{text}`, not an LSN: {e}")))
+            }
+            Ok(None) => Ok(None),
+            Err(e) => Err(fail(format!("reading key `{key}`: {e}"))),
+        }
+    }
+
     /// Saves `lsn` when it is newer than what was saved.
     pub async fn save(&mut self, lsn: Lsn) -> Result<(), SinkError> {
         if lsn <= self.saved {

@@ -57,6 +57,32 @@ async fn replay_window_checkpoint_and_start_lsn_republish_after_a_downstream_los
     let saved = checkpoint(&env, &bucket).await.expect("a checkpoint");
     assert_eq!(saved.as_u64(), first.last().expect("rows").commit_end);
 
+    // `status` shows both positions.
+    let status_args = [
+        "status".to_owned(),
+        "--json".into(),
+        "--database-url".into(),
+        env.database_url.clone(),
+        "--nats-url".into(),
+        env.nats_url.clone(),
+        "--checkpoint-bucket".into(),
+        bucket.clone(),
+    ];
+    let output = tokio::task::spawn_blocking(move || {
+        run_command(&status_args.iter().map(String::as_str).collect::<Vec<_>>())
+    })
+    .await
+    .expect("join");
+    let text = output_text(&output);
+    assert!(output.status.success(), "{text}");
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).expect("status JSON");
+    assert_eq!(json["checkpoint_lsn"], saved.to_string(), "{text}");
+    assert_eq!(
+        json["confirmed_flush_lsn"],
+        Lsn::new(slot).to_string(),
+        "{text}"
+    );
+
     // An ordinary restart resumes after the checkpoint: the window is read, not re-sent.
     let publisher = env.publisher(&replay);
     write_events(&client, "second", 100, 10).await;
