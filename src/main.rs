@@ -1,7 +1,6 @@
 use std::process::ExitCode;
 
-use clap::Parser;
-use outbox_cdc::config::{Cli, Command, LogFormat};
+use outbox_cdc::config::{Command, ConfigError, Invocation, LogFormat, parse_cli};
 use outbox_cdc::http::HttpServer;
 use outbox_cdc::stats::Stats;
 use std::sync::Arc;
@@ -10,7 +9,19 @@ use tokio::sync::watch;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match parse_cli(std::env::args_os()) {
+        Ok(Invocation::Command(cli)) => cli,
+        Ok(Invocation::PrintConfig(text)) => {
+            print!("{text}");
+            return ExitCode::SUCCESS;
+        }
+        // --help, --version and usage errors print and exit as clap does.
+        Err(ConfigError::Cli(err)) => err.exit(),
+        Err(err) => {
+            eprintln!("error: {err}");
+            return ExitCode::from(2);
+        }
+    };
     init_logging(cli.log_format);
     let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
