@@ -18,6 +18,7 @@ use crate::secret::Secret;
 use crate::sink::{NatsAuth, SinkConfig};
 use crate::source::connection::{DatabaseUrl, DatabaseUrlError};
 use crate::source::{PublicationName, SlotName, SourceConfig};
+use crate::subject_map::{SubjectMap, SubjectRule};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -92,13 +93,20 @@ pub struct RunArgs {
     #[arg(long, env = "OUTBOX_CDC_HEADERS_COLUMN")]
     pub headers_column: Option<String>,
 
-    /// Subject with {column} placeholders filled from the row.
-    #[arg(long, env = "OUTBOX_CDC_SUBJECT_TEMPLATE", default_value = DEFAULT_SUBJECT_TEMPLATE)]
-    pub subject_template: SubjectTemplate,
+    /// Subject with {column} placeholders filled from the row. Default
+    /// `outbox.{aggregate_type}.{event_type}`, unless --subject-column is given: then the template
+    /// is only a fallback for rows whose subject column is NULL, and has no default.
+    #[arg(long, env = "OUTBOX_CDC_SUBJECT_TEMPLATE")]
+    pub subject_template: Option<SubjectTemplate>,
 
     /// Column holding the whole subject; used instead of the template when not NULL.
     #[arg(long, env = "OUTBOX_CDC_SUBJECT_COLUMN")]
     pub subject_column: Option<String>,
+
+    /// Rewrite subjects before publishing: FROM=TO with NATS wildcards (`*` one token, a final
+    /// `>` the rest), e.g. `order.*=prod.orders.*`. Repeatable; the first match wins.
+    #[arg(long, env = "OUTBOX_CDC_SUBJECT_MAP", value_name = "FROM=TO", value_delimiter = ',', action = clap::ArgAction::Append)]
+    pub subject_map: Vec<SubjectRule>,
 
     /// Publishes awaiting their JetStream ack at most.
     #[arg(long, env = "OUTBOX_CDC_MAX_IN_FLIGHT", default_value_t = 4096,
@@ -571,6 +579,10 @@ pub enum ConfigError {
     DatabaseUrl(#[from] DatabaseUrlError),
     #[error("invalid --nats-url `{0}`: {1}")]
     NatsUrl(String, String),
+    #[error(
+        "--stream creates a stream capturing the subjects outbox-cdc publishes, but with --subject-column and no --subject-template they are not known in advance: create the stream yourself (and drop --stream), or give --subject-template"
+    )]
+    StreamSubjectsUnknown,
     #[error("--status-interval must be at least 10ms")]
     StatusInterval,
 }
@@ -614,7 +626,22 @@ impl RunArgs {
         if self.status_interval < Duration::from_millis(10) {
             return Err(ConfigError::StatusInterval);
         }
-        let capture_subjects = vec![self.subject_template.capture_filter()];
+        let subject_template = match (self.subject_template, &self.subject_column) {
+            (Some(template), _) => Some(template),
+            (None, Some(_)) => None,
+            (None, None) => Some(
+                DEFAULT_SUBJECT_TEMPLATE
+                    .parse()
+                    .expect("the default template is valid"),
+            ),
+        };
+        let subject_map = SubjectMap::new(self.subject_map);
+        let capture_subjects = match &subject_template {
+            Some(template) => subject_map.capture_filters(&template.capture_filter()),
+            None if self.stream.is_some() => return Err(ConfigError::StreamSubjectsUnknown),
+            // Subjects come from a column: the streams are the user's to define.
+            None => Vec::new(),
+        };
         Ok(RunConfig {
             source: SourceConfig {
                 database,
@@ -637,8 +664,9 @@ impl RunArgs {
                     id_column: self.id_column,
                     payload_column: self.payload_column,
                     headers_column: self.headers_column,
-                    subject_template: self.subject_template,
+                    subject_template,
                     subject_column: self.subject_column,
+                    subject_map,
                 },
                 max_in_flight: self.max_in_flight as usize,
                 shutdown_timeout: self.shutdown_timeout,
@@ -706,6 +734,42 @@ mod tests {
         let args = run_args(parse(&["--database-url", "mysql://u:pw@h/d"]).unwrap());
         let err = args.resolve().unwrap_err().to_string();
         assert!(err.contains("scheme") && !err.contains("pw"), "{err}");
+    }
+
+    #[test]
+    fn subject_column_without_template_has_no_default_template() {
+        let base = [
+            "--database-url",
+            "postgres://u@h/d",
+            "--subject-column",
+            "topic",
+        ];
+        let config = run_args(parse(&base).unwrap()).resolve().unwrap();
+        assert_eq!(config.pipeline.mapping.subject_template, None);
+        assert!(config.sink.capture_subjects.is_empty());
+        let err = run_args(parse(&[&base[..], &["--stream", "S"]].concat()).unwrap())
+            .resolve()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("create the stream yourself"), "{err}");
+    }
+
+    #[test]
+    fn a_subject_map_adds_what_it_produces_to_the_stream_subjects() {
+        let args = [
+            "--database-url",
+            "postgres://u@h/d",
+            "--subject-map",
+            "outbox.order.*=prod.orders.*",
+            "--subject-map",
+            "outbox.x.>=outbox.y.>",
+        ];
+        let config = run_args(parse(&args).unwrap()).resolve().unwrap();
+        assert_eq!(config.sink.capture_subjects, ["outbox.>", "prod.orders.*"]);
+        let err = parse(&["--subject-map", "a.*=b.*.*"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("more `*`"), "{err}");
     }
 
     fn with_file(toml: &str, flags: &[&str]) -> Result<Invocation, ConfigError> {

@@ -18,6 +18,7 @@ pub mod secret;
 pub mod sink;
 pub mod source;
 pub mod stats;
+pub mod subject_map;
 
 pub use error::Error;
 pub use lsn::Lsn;

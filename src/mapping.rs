@@ -5,6 +5,7 @@
 //! bound to one table's columns (from its pgoutput Relation message), checked once so that mapping
 //! a row is only a few lookups.
 
+use crate::subject_map::SubjectMap;
 use std::fmt;
 use std::str::FromStr;
 
@@ -31,9 +32,12 @@ pub struct MappingConfig {
     pub payload_column: String,
     /// The headers column; `None` means `headers` when the table has one.
     pub headers_column: Option<String>,
-    pub subject_template: SubjectTemplate,
+    /// `None` only with a subject column: a NULL there is then an unmappable row.
+    pub subject_template: Option<SubjectTemplate>,
     /// Takes the subject from this column when it is not NULL.
     pub subject_column: Option<String>,
+    /// Rewrites the subject (from the template or the column) before publishing.
+    pub subject_map: SubjectMap,
 }
 
 impl Default for MappingConfig {
@@ -42,9 +46,12 @@ impl Default for MappingConfig {
             id_column: None,
             payload_column: "payload".into(),
             headers_column: None,
-            subject_template: SubjectTemplate::from_str(DEFAULT_SUBJECT_TEMPLATE)
-                .expect("the default template is valid"),
+            subject_template: Some(
+                SubjectTemplate::from_str(DEFAULT_SUBJECT_TEMPLATE)
+                    .expect("the default template is valid"),
+            ),
             subject_column: None,
+            subject_map: SubjectMap::default(),
         }
     }
 }
@@ -206,8 +213,9 @@ pub struct TableMapping {
     payload: usize,
     payload_is_bytea: bool,
     headers: Option<(usize, String)>,
-    subject_column: Option<usize>,
-    template: Vec<BoundSegment>,
+    subject_column: Option<(usize, String)>,
+    template: Option<Vec<BoundSegment>>,
+    subject_map: SubjectMap,
 }
 
 #[derive(Debug, Clone)]
@@ -244,23 +252,28 @@ impl TableMapping {
                 .map(|i| (i, "headers".to_owned())),
         };
         let subject_column = match &config.subject_column {
-            Some(column) => Some(find(column, "--subject-column")?),
+            Some(column) => Some((find(column, "--subject-column")?, column.clone())),
             None => None,
         };
         let template = config
             .subject_template
-            .segments
-            .iter()
-            .map(|segment| {
-                Ok(match segment {
-                    Segment::Literal(l) => BoundSegment::Literal(l.clone()),
-                    Segment::Column(name) => BoundSegment::Column {
-                        index: find(name, "--subject-template")?,
-                        name: name.clone(),
-                    },
-                })
+            .as_ref()
+            .map(|template| {
+                template
+                    .segments
+                    .iter()
+                    .map(|segment| {
+                        Ok(match segment {
+                            Segment::Literal(l) => BoundSegment::Literal(l.clone()),
+                            Segment::Column(name) => BoundSegment::Column {
+                                index: find(name, "--subject-template")?,
+                                name: name.clone(),
+                            },
+                        })
+                    })
+                    .collect::<Result<Vec<_>, MissingColumn>>()
             })
-            .collect::<Result<_, MissingColumn>>()?;
+            .transpose()?;
         let table_header = HeaderValue::from_str(&table).unwrap_or_default();
         Ok(TableMapping {
             table,
@@ -271,6 +284,7 @@ impl TableMapping {
             headers,
             subject_column,
             template,
+            subject_map: config.subject_map.clone(),
         })
     }
 
@@ -310,6 +324,7 @@ impl TableMapping {
         };
 
         let subject = self.subject(tuple).map_err(|reason| fail(None, reason))?;
+        let subject = self.subject_map.apply(&subject).unwrap_or(subject);
         if let Err(reason) = validate_subject(&subject) {
             return Err(fail(Some(subject), reason));
         }
@@ -352,13 +367,19 @@ impl TableMapping {
     }
 
     fn subject(&self, tuple: &Tuple<'_>) -> Result<String, String> {
-        if let Some(index) = self.subject_column
-            && let ColumnValue::Text(subject) = column(tuple, index)?
+        if let Some((index, _)) = &self.subject_column
+            && let ColumnValue::Text(subject) = column(tuple, *index)?
         {
             return utf8(subject, "the subject column").map(str::to_owned);
         }
+        let Some(template) = &self.template else {
+            let name = self.subject_column.as_ref().map_or("", |(_, name)| name);
+            return Err(format!(
+                "the subject column `{name}` is NULL and no --subject-template is set to fall back on"
+            ));
+        };
         let mut subject = String::with_capacity(64);
-        for segment in &self.template {
+        for segment in template {
             match segment {
                 BoundSegment::Literal(l) => subject.push_str(l),
                 BoundSegment::Column { index, name } => match column(tuple, *index)? {
@@ -378,6 +399,7 @@ impl TableMapping {
     fn template_source(&self) -> String {
         self.template
             .iter()
+            .flatten()
             .map(|s| match s {
                 BoundSegment::Literal(l) => l.clone(),
                 BoundSegment::Column { name, .. } => format!("{{{name}}}"),
@@ -660,7 +682,7 @@ mod tests {
         assert!(text.contains("id, aggregate_type, aggregate_id, event_type, payload, headers"));
 
         let config = MappingConfig {
-            subject_template: "x.{tenant}".parse().unwrap(),
+            subject_template: Some("x.{tenant}".parse().unwrap()),
             ..MappingConfig::default()
         };
         let err = TableMapping::bind(&config, &standard()).unwrap_err();
@@ -678,7 +700,7 @@ mod tests {
         let rel = relation(&[("id", TEXT), ("topic", TEXT), ("payload", TEXT)]);
         let config = MappingConfig {
             subject_column: Some("topic".into()),
-            subject_template: "fallback.{id}".parse().unwrap(),
+            subject_template: Some("fallback.{id}".parse().unwrap()),
             ..MappingConfig::default()
         };
         let mapping = TableMapping::bind(&config, &rel).unwrap();
@@ -765,7 +787,7 @@ mod tests {
     fn decodes_a_bytea_payload_and_publishes_null_as_empty() {
         let rel = relation(&[("id", 20), ("event_type", TEXT), ("payload", BYTEA_OID)]);
         let config = MappingConfig {
-            subject_template: "ev.{event_type}".parse().unwrap(),
+            subject_template: Some("ev.{event_type}".parse().unwrap()),
             ..MappingConfig::default()
         };
         let mapping = TableMapping::bind(&config, &rel).unwrap();

@@ -505,7 +505,7 @@ impl JetStreamSink {
                 names.push(name);
             }
         }
-        if names.is_empty() {
+        if names.is_empty() && !config.capture_subjects.is_empty() {
             tracing::warn!(subjects = ?config.capture_subjects,
                 "no JetStream stream captures the outbox subjects yet; publishing will fail until one does");
         }
