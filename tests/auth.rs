@@ -68,3 +68,89 @@ async fn a_wrong_password_is_a_clear_permanent_error() {
     );
     assert!(!log.contains("wrong-password"), "{log}");
 }
+
+/// A CA and a server certificate for 127.0.0.1/localhost signed by it: (ca.pem, cert.pem, key.pem).
+fn certificates() -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    let ca_key = KeyPair::generate().expect("CA key");
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).expect("CA");
+    let key = KeyPair::generate().expect("server key");
+    let params = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+        .expect("server params");
+    let cert = params.signed_by(&key, &ca, &ca_key).expect("server cert");
+    (ca.pem(), cert.pem(), key.serialize_pem())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_verify_full_with_sslrootcert_and_scram() {
+    let (env, url) = scram_env().await;
+    let pg = env.embedded_postgres().expect("embedded server");
+    // Turn TLS on: certificate files in the data directory, owned by the server's user.
+    let data = pg.socket_dir().join("data");
+    let (ca, cert, key) = certificates();
+    std::fs::write(data.join("server.crt"), cert).expect("write cert");
+    std::fs::write(data.join("server.key"), key).expect("write key");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(
+            data.join("server.key"),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .expect("chmod key");
+    }
+    let owner = std::process::Command::new("chown")
+        .arg("--reference")
+        .arg(&data)
+        .arg(data.join("server.crt"))
+        .arg(data.join("server.key"))
+        .status()
+        .expect("chown");
+    assert!(owner.success());
+    pg.psql("ALTER SYSTEM SET ssl = on")
+        .and_then(|_| pg.psql("SELECT pg_reload_conf()"))
+        .expect("enable ssl");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca).expect("write CA");
+    let tls_url = url.replace(
+        "sslmode=disable",
+        &format!("sslmode=verify-full&sslrootcert={}", ca_file.display()),
+    );
+    env.create_stream().await;
+    let mut publisher = Publisher::start(&args_with_url(&env, &tls_url));
+    publisher
+        .wait_for_log("this instance is the leader", Duration::from_secs(30))
+        .await;
+    write_events(&env.sql().await, "w", 10, 5).await;
+    let js = env.jetstream().await;
+    wait_for_messages(&js, &env.stream, 10, Duration::from_secs(30), || {
+        publisher.log()
+    })
+    .await;
+    let encrypted: bool = env
+        .sql()
+        .await
+        .query_one(
+            "SELECT bool_and(s.ssl) FROM pg_stat_replication r JOIN pg_stat_ssl s USING (pid)",
+            &[],
+        )
+        .await
+        .expect("pg_stat_ssl")
+        .get(0);
+    assert!(encrypted, "the replication connection is not encrypted");
+    let status = publisher.terminate(Duration::from_secs(30)).await;
+    assert!(status.success(), "{}", publisher.log());
+    assert!(!publisher.log().contains(PASSWORD));
+
+    // A CA that did not sign the server's certificate: refused, clearly, without retrying.
+    let (other_ca, _, _) = certificates();
+    std::fs::write(&ca_file, other_ca).expect("write other CA");
+    let mut publisher = Publisher::start(&args_with_url(&env, &tls_url));
+    let status = publisher.wait_exit(Duration::from_secs(30)).await;
+    let log = publisher.log();
+    assert_eq!(exit_code(status), Some(1), "{log}");
+    assert!(log.to_lowercase().contains("certificate"), "{log}");
+}

@@ -337,7 +337,12 @@ impl DatabaseUrl {
         TlsConfig {
             mode,
             ca_pem_path: self.sslrootcert.clone(),
-            sni_hostname: None,
+            // An IP address as the name to verify: libpq's verify-full matches it against the
+            // certificate's IP SANs, and so does rustls, but pgwire-replication refuses an IP
+            // host unless it is given explicitly.
+            sni_hostname: (self.sslmode == SslMode::VerifyFull
+                && self.host.parse::<std::net::IpAddr>().is_ok())
+            .then(|| self.host.clone()),
             client_cert_pem_path: self.sslcert.clone(),
             client_key_pem_path: self.sslkey.clone(),
         }

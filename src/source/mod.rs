@@ -235,9 +235,38 @@ fn sqlstate_is_transient(code: &str) -> bool {
 fn sql_error_is_transient(err: &tokio_postgres::Error) -> bool {
     match err.code() {
         Some(code) => sqlstate_is_transient(code.code()),
+        // A certificate that does not verify, or a server without TLS under sslmode=require:
+        // retrying cannot help, the configuration must change.
+        None if tls_misconfiguration(err) => false,
         // No SQLSTATE: I/O, closed connection, timeout.
         None => true,
     }
+}
+
+fn tls_misconfiguration(err: &tokio_postgres::Error) -> bool {
+    if err.to_string().contains("does not support TLS") {
+        return true;
+    }
+    let mut source = std::error::Error::source(err);
+    while let Some(inner) = source {
+        // tokio-rustls reports handshake failures as an io::Error wrapping the rustls::Error.
+        let tls = inner.downcast_ref::<rustls::Error>().or_else(|| {
+            inner
+                .downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .and_then(|e| e.downcast_ref::<rustls::Error>())
+        });
+        if let Some(tls) = tls {
+            return matches!(
+                tls,
+                rustls::Error::InvalidCertificate(_)
+                    | rustls::Error::NoCertificatesPresented
+                    | rustls::Error::UnsupportedNameType
+            );
+        }
+        source = inner.source();
+    }
+    false
 }
 
 fn describe_sql_error(err: &tokio_postgres::Error) -> String {
