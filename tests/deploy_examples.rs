@@ -1,0 +1,180 @@
+//! The Docker and Kubernetes examples cannot run here (no Docker engine), so they are kept
+//! honest by reading: the YAML parses, the pieces the README promises are there, and the
+//! arguments, environment and config file they give outbox-cdc are accepted by the real binary.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use yaml_rust2::{Yaml, YamlLoader};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn load(path: &str) -> Vec<Yaml> {
+    let text = std::fs::read_to_string(root().join(path)).expect("read example");
+    YamlLoader::load_from_str(&text).unwrap_or_else(|e| panic!("{path} is not valid YAML: {e}"))
+}
+
+fn strings(yaml: &Yaml) -> Vec<String> {
+    yaml.as_vec()
+        .map(|items| {
+            items
+                .iter()
+                .map(|i| i.as_str().expect("a string").to_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// `outbox-cdc <args> --print-config` with exactly `env`: must succeed; returns the output.
+fn print_config(args: &[String], env: &[(String, String)]) -> String {
+    let output = Command::new(env!("CARGO_BIN_EXE_outbox-cdc"))
+        .args(args)
+        .arg("--print-config")
+        .env_clear()
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .output()
+        .expect("run outbox-cdc");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(output.status.success(), "{args:?} {env:?}: {text}");
+    text
+}
+
+#[test]
+fn docker_compose_runs_the_distributed_demo() {
+    let docs = load("docker/docker-compose.yml");
+    let services = &docs[0]["services"];
+    for name in [
+        "postgres",
+        "nats",
+        "outbox-cdc",
+        "outbox-cdc-standby",
+        "producer",
+        "subscriber",
+    ] {
+        assert!(!services[name].is_badvalue(), "service {name} is missing");
+    }
+    assert!(strings(&services["postgres"]["command"]).contains(&"wal_level=logical".to_owned()));
+    assert!(strings(&services["nats"]["command"]).contains(&"-js".to_owned()));
+    let init = strings(&services["postgres"]["volumes"]);
+    let sql = init[0].split(':').next().expect("a host path");
+    assert!(
+        Path::new(&root().join("docker").join(sql)).exists(),
+        "{sql} does not exist"
+    );
+
+    for name in ["outbox-cdc", "outbox-cdc-standby"] {
+        let service = &services[name];
+        let env: Vec<(String, String)> = service["environment"]
+            .as_hash()
+            .expect("environment map")
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.as_str().unwrap().to_owned(),
+                    v.as_str().unwrap().to_owned(),
+                )
+            })
+            .collect();
+        let config = print_config(&strings(&service["command"]), &env);
+        assert!(config.contains("stream = \"OUTBOX\"  # flag"), "{config}");
+        assert!(
+            config.contains("http_addr = \"0.0.0.0:9187\"  # flag"),
+            "{config}"
+        );
+        assert!(config.contains("environment (DATABASE_URL)"), "{config}");
+        assert!(!config.contains("app-password"), "{config}");
+    }
+}
+
+#[test]
+fn the_dockerfile_is_multi_stage_and_runs_as_non_root() {
+    let text = std::fs::read_to_string(root().join("docker/Dockerfile")).expect("Dockerfile");
+    assert!(text.lines().filter(|l| l.starts_with("FROM ")).count() >= 2);
+    assert!(text.contains("USER nonroot"));
+    // Every path it copies exists.
+    for line in text
+        .lines()
+        .filter(|l| l.starts_with("COPY ") && !l.contains("--from"))
+    {
+        let parts: Vec<&str> = line.split_whitespace().collect();
+        for source in &parts[1..parts.len() - 1] {
+            assert!(root().join(source).exists(), "COPY {source}: missing");
+        }
+    }
+}
+
+#[test]
+fn kubernetes_sidecar_has_probes_two_replicas_and_a_valid_config() {
+    let docs = load("deploy/kubernetes/outbox-cdc.yaml");
+    let kind = |k: &str| {
+        docs.iter()
+            .find(|d| d["kind"].as_str() == Some(k))
+            .unwrap_or_else(|| panic!("no {k}"))
+    };
+    let deployment = kind("Deployment");
+    assert_eq!(
+        deployment["spec"]["replicas"].as_i64(),
+        Some(2),
+        "standby needs two"
+    );
+    let pod = &deployment["spec"]["template"]["spec"];
+    assert!(pod["terminationGracePeriodSeconds"].as_i64().unwrap_or(0) > 30);
+    let container = pod["containers"]
+        .as_vec()
+        .expect("containers")
+        .iter()
+        .find(|c| c["name"].as_str() == Some("outbox-cdc"))
+        .expect("the outbox-cdc sidecar");
+    assert!(
+        pod["containers"].as_vec().expect("containers").len() >= 2,
+        "a sidecar"
+    );
+    assert_eq!(
+        container["livenessProbe"]["httpGet"]["path"].as_str(),
+        Some("/healthz")
+    );
+    assert_eq!(
+        container["readinessProbe"]["httpGet"]["path"].as_str(),
+        Some("/readyz")
+    );
+    assert_eq!(container["ports"][0]["containerPort"].as_i64(), Some(9187));
+
+    // The ConfigMap's file, the container's arguments and environment, through the binary.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("outbox-cdc.toml");
+    let toml = kind("ConfigMap")["data"]["outbox-cdc.toml"]
+        .as_str()
+        .expect("config file");
+    std::fs::write(&file, toml).expect("write config");
+    let mut env = vec![("OUTBOX_CDC_CONFIG".to_owned(), file.display().to_string())];
+    for var in container["env"].as_vec().expect("env") {
+        let name = var["name"].as_str().expect("name");
+        assert!(
+            name == "DATABASE_URL" || name == "NATS_URL" || name.starts_with("OUTBOX_CDC_"),
+            "{name}"
+        );
+        if name == "DATABASE_URL" {
+            let url = kind("Secret")["stringData"]["database-url"]
+                .as_str()
+                .expect("database-url");
+            env.push((name.to_owned(), url.to_owned()));
+        }
+    }
+    let config = print_config(&strings(&container["args"]), &env);
+    assert!(
+        config.contains("http_addr = \"0.0.0.0:9187\"  # config file"),
+        "{config}"
+    );
+    assert!(
+        config.contains("replay_window = \"1h\"  # config file"),
+        "{config}"
+    );
+    assert!(config.contains("stream = \"ORDERS\"  # flag"), "{config}");
+    assert!(!config.contains("change-me"), "{config}");
+}
