@@ -44,20 +44,10 @@ async fn leader_and_standby_report_health_readiness_and_metrics() {
         leader.log()
     })
     .await;
-    // Counters follow the acks; poll until the last ack is counted.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let text = loop {
-        let addr = leader_addr.clone();
-        let (_, text) = tokio::task::spawn_blocking(move || http_get(&addr, "/metrics"))
-            .await
-            .expect("join");
-        if metric(&text, "outbox_cdc_events_published_total") == Some(50.0)
-            || Instant::now() > deadline
-        {
-            break text;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    // Counters follow the acks and the commits, which may be read after the last row's ack:
+    // poll until both are counted.
+    wait_for_metric(&leader, "outbox_cdc_transactions_total", 5.0).await;
+    let text = wait_for_metric(&leader, "outbox_cdc_events_published_total", 50.0).await;
     assert_eq!(
         metric(&text, "outbox_cdc_events_published_total"),
         Some(50.0),
