@@ -19,6 +19,7 @@ pub mod sink;
 pub mod source;
 pub mod stats;
 pub mod subject_map;
+pub mod tls;
 
 pub use error::Error;
 pub use lsn::Lsn;

@@ -446,12 +446,15 @@ impl JetStreamSink {
             .await
             .map_err(|err| SinkError::Connect {
                 target,
-                transient: !matches!(
-                    err.kind(),
-                    async_nats::ConnectErrorKind::Authentication
+                transient: !crate::tls::certificate_rejected(&err)
+                    && !matches!(
+                        err.kind(),
+                        async_nats::ConnectErrorKind::Authentication
                         | async_nats::ConnectErrorKind::AuthorizationViolation
                         | async_nats::ConnectErrorKind::ServerParse
-                ),
+                        // A certificate that does not verify, or TLS required on one side only.
+                        | async_nats::ConnectErrorKind::Tls
+                    ),
                 detail: err.to_string(),
             })?;
         let context = jetstream::ContextBuilder::new()

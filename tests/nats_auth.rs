@@ -124,3 +124,53 @@ async fn user_password_in_the_url_and_an_nkey_seed_file_authenticate() {
     let stream = read_stream(&js, &env.stream).await;
     assert_eq!(stream.len(), 20);
 }
+
+/// A CA and a server certificate for 127.0.0.1/localhost signed by it: (ca.pem, cert.pem, key.pem).
+fn certificates() -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    let ca_key = KeyPair::generate().expect("CA key");
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).expect("CA");
+    let key = KeyPair::generate().expect("server key");
+    let params = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+        .expect("server params");
+    let cert = params.signed_by(&key, &ca, &ca_key).expect("server cert");
+    (ca.pem(), cert.pem(), key.serialize_pem())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_a_ca_file_and_a_clear_error_without_it() {
+    // Both ring and aws-lc-rs are linked into this test: pick one, as the binary does.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let env = TestEnv::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (ca, cert, key) = certificates();
+    let path = |name: &str| dir.path().join(name).display().to_string();
+    std::fs::write(path("ca.pem"), &ca).expect("write");
+    std::fs::write(path("server.pem"), cert).expect("write");
+    std::fs::write(path("server.key"), key).expect("write");
+    let nats = start_nats(format!(
+        "tls {{ cert_file: \"{}\", key_file: \"{}\" }}",
+        path("server.pem"),
+        path("server.key")
+    ))
+    .await;
+    let client = async_nats::ConnectOptions::new()
+        .add_root_certificates(path("ca.pem").into())
+        .require_tls(true)
+        .connect(nats.url())
+        .await
+        .expect("connect over TLS");
+    let js = jetstream::new(client);
+
+    let args = args_for(&env, &nats.url(), &["--nats-tls-ca", &path("ca.pem")]);
+    publish_and_check(&env, &js, &args, 10, "no secret here").await;
+
+    // Without the CA the server's certificate is unknown: a configuration error, not a retry loop.
+    let mut publisher = Publisher::start(&args_for(&env, &nats.url(), &[]));
+    let status = publisher.wait_exit(Duration::from_secs(30)).await;
+    let log = publisher.log();
+    assert_eq!(exit_code(status), Some(1), "{log}");
+    assert!(log.contains("cannot connect to NATS"), "{log}");
+}

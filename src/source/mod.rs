@@ -247,26 +247,7 @@ fn tls_misconfiguration(err: &tokio_postgres::Error) -> bool {
     if err.to_string().contains("does not support TLS") {
         return true;
     }
-    let mut source = std::error::Error::source(err);
-    while let Some(inner) = source {
-        // tokio-rustls reports handshake failures as an io::Error wrapping the rustls::Error.
-        let tls = inner.downcast_ref::<rustls::Error>().or_else(|| {
-            inner
-                .downcast_ref::<std::io::Error>()
-                .and_then(|io| io.get_ref())
-                .and_then(|e| e.downcast_ref::<rustls::Error>())
-        });
-        if let Some(tls) = tls {
-            return matches!(
-                tls,
-                rustls::Error::InvalidCertificate(_)
-                    | rustls::Error::NoCertificatesPresented
-                    | rustls::Error::UnsupportedNameType
-            );
-        }
-        source = inner.source();
-    }
-    false
+    crate::tls::certificate_rejected(err)
 }
 
 fn describe_sql_error(err: &tokio_postgres::Error) -> String {
