@@ -11,6 +11,7 @@ use std::path::Path;
 
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
+use crate::dead_letter::ErrorPolicy;
 use crate::lsn::Lsn;
 use crate::mapping::{DEFAULT_SUBJECT_TEMPLATE, MappingConfig, SubjectTemplate};
 use crate::pipeline::PipelineSettings;
@@ -34,6 +35,12 @@ pub struct Cli {
 
     #[command(subcommand)]
     pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OnError {
+    Fail,
+    DeadLetter,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -107,6 +114,16 @@ pub struct RunArgs {
     /// `>` the rest), e.g. `order.*=prod.orders.*`. Repeatable; the first match wins.
     #[arg(long, env = "OUTBOX_CDC_SUBJECT_MAP", value_name = "FROM=TO", value_delimiter = ',', action = clap::ArgAction::Append)]
     pub subject_map: Vec<SubjectRule>,
+
+    /// What to do with a row that cannot be published as itself (unmappable, over max_payload,
+    /// or no stream captures its subject): `fail` stops with a message naming it; `dead-letter`
+    /// publishes it to --dead-letter-subject with the reason in headers, and goes on.
+    #[arg(long, env = "OUTBOX_CDC_ON_ERROR", value_enum, default_value_t = OnError::Fail)]
+    pub on_error: OnError,
+
+    /// Subject for dead letters (required with --on-error dead-letter).
+    #[arg(long, env = "OUTBOX_CDC_DEAD_LETTER_SUBJECT")]
+    pub dead_letter_subject: Option<String>,
 
     /// Publishes awaiting their JetStream ack at most.
     #[arg(long, env = "OUTBOX_CDC_MAX_IN_FLIGHT", default_value_t = 4096,
@@ -583,6 +600,11 @@ pub enum ConfigError {
         "--stream creates a stream capturing the subjects outbox-cdc publishes, but with --subject-column and no --subject-template they are not known in advance: create the stream yourself (and drop --stream), or give --subject-template"
     )]
     StreamSubjectsUnknown,
+    #[error("--on-error dead-letter needs a valid --dead-letter-subject{}", match .0 {
+        Some((subject, reason)) => format!(": `{subject}`: {reason}"),
+        None => String::new(),
+    })]
+    DeadLetterSubject(Option<(String, String)>),
     #[error("--status-interval must be at least 10ms")]
     StatusInterval,
 }
@@ -635,6 +657,16 @@ impl RunArgs {
                     .expect("the default template is valid"),
             ),
         };
+        let on_error = match (self.on_error, self.dead_letter_subject) {
+            (OnError::Fail, _) => ErrorPolicy::Fail,
+            (OnError::DeadLetter, None) => return Err(ConfigError::DeadLetterSubject(None)),
+            (OnError::DeadLetter, Some(subject)) => {
+                crate::mapping::validate_subject(&subject).map_err(|reason| {
+                    ConfigError::DeadLetterSubject(Some((subject.clone(), reason)))
+                })?;
+                ErrorPolicy::DeadLetter { subject }
+            }
+        };
         let subject_map = SubjectMap::new(self.subject_map);
         let capture_subjects = match &subject_template {
             Some(template) => subject_map.capture_filters(&template.capture_filter()),
@@ -642,6 +674,13 @@ impl RunArgs {
             // Subjects come from a column: the streams are the user's to define.
             None => Vec::new(),
         };
+        let mut capture_subjects = capture_subjects;
+        if let ErrorPolicy::DeadLetter { subject } = &on_error
+            && !capture_subjects.is_empty()
+        {
+            // A stream created with --stream keeps the dead letters too.
+            crate::subject_map::add_capture_filter(&mut capture_subjects, subject);
+        }
         Ok(RunConfig {
             source: SourceConfig {
                 database,
@@ -660,6 +699,7 @@ impl RunArgs {
                 max_in_flight: self.max_in_flight as usize,
             },
             pipeline: PipelineSettings {
+                on_error,
                 mapping: MappingConfig {
                     id_column: self.id_column,
                     payload_column: self.payload_column,

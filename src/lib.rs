@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod dead_letter;
 pub mod demo;
 pub mod embedded;
 mod error;

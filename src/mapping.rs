@@ -208,6 +208,8 @@ pub struct MissingColumn {
 #[derive(Debug, Clone)]
 pub struct TableMapping {
     table: String,
+    /// The same, shared with the labels of in-flight publishes (for dead letters).
+    table_shared: std::sync::Arc<str>,
     table_header: HeaderValue,
     id: Option<usize>,
     payload: usize,
@@ -276,6 +278,7 @@ impl TableMapping {
             .transpose()?;
         let table_header = HeaderValue::from_str(&table).unwrap_or_default();
         Ok(TableMapping {
+            table_shared: table.as_str().into(),
             table,
             table_header,
             id,
@@ -291,6 +294,10 @@ impl TableMapping {
     /// `schema.table`.
     pub fn table(&self) -> &str {
         &self.table
+    }
+
+    pub fn table_shared(&self) -> std::sync::Arc<str> {
+        self.table_shared.clone()
     }
 
     /// Maps one inserted row. `frame` is the XLogData buffer the tuple borrows from, so that a text
@@ -364,6 +371,17 @@ impl TableMapping {
             payload,
             id: event_id,
         })
+    }
+
+    /// The row's body as best it can be read, for a dead letter: empty when it cannot be.
+    pub fn raw_payload(&self, tuple: &Tuple<'_>, frame: &Bytes) -> Bytes {
+        match column(tuple, self.payload) {
+            Ok(ColumnValue::Text(text)) if self.payload_is_bytea => decode_bytea_hex(text)
+                .map(Bytes::from)
+                .unwrap_or_else(|_| frame.slice_ref(text)),
+            Ok(ColumnValue::Text(text)) => frame.slice_ref(text),
+            _ => Bytes::new(),
+        }
     }
 
     fn subject(&self, tuple: &Tuple<'_>) -> Result<String, String> {

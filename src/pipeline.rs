@@ -28,9 +28,10 @@ use futures::stream::FuturesOrdered;
 use tokio::sync::watch;
 
 use crate::Error;
+use crate::dead_letter::{ErrorPolicy, PoisonKind, PoisonRow};
 use crate::lsn::Lsn;
 use crate::mapping::{MappingConfig, TableMapping, TransactionContext};
-use crate::sink::{Checkpoint, JetStreamSink, PublishLabel};
+use crate::sink::{Checkpoint, JetStreamSink, PublishLabel, SinkError};
 use crate::source::pgoutput::{self, Message, SkippedKind};
 use crate::source::{ReplicationStream, SourceError, WalEvent};
 use crate::stats::Stats;
@@ -205,6 +206,7 @@ pub enum SessionEnd {
 #[derive(Debug)]
 pub struct PipelineSettings {
     pub mapping: MappingConfig,
+    pub on_error: ErrorPolicy,
     pub max_in_flight: usize,
     pub shutdown_timeout: Duration,
 }
@@ -346,26 +348,92 @@ impl<'a> Session<'a> {
             .labels
             .pop_front()
             .expect("one label per in-flight publish");
-        match ack {
-            Ok(ack) => {
-                if ack.duplicate {
-                    self.stats.duplicates.inc();
-                } else {
-                    self.stats.published.inc();
-                }
-                self.stats.in_flight.set(self.in_flight.len() as u64);
-                if self.watermark.acked() {
-                    self.stats.transaction_acked(label.commit_time);
-                    self.confirm();
-                }
-                Ok(())
-            }
-            Err(err) => {
-                let err = self.sink.ack_error(&label, err).await;
-                self.stats.publish_error(err.kind());
-                Err(err.into())
-            }
+        let ack = match ack {
+            Ok(ack) => ack,
+            Err(err) => self.on_failed_publish(&label, err).await?,
+        };
+        if ack.duplicate {
+            self.stats.duplicates.inc();
+        } else {
+            self.stats.published.inc();
         }
+        self.stats.in_flight.set(self.in_flight.len() as u64);
+        if self.watermark.acked() {
+            self.stats.transaction_acked(label.commit_time);
+            self.confirm();
+        }
+        Ok(())
+    }
+
+    /// A publish JetStream refused. With a dead-letter subject, an event no stream captures is
+    /// dead-lettered here, and its ack awaited before the next ack is looked at, so the
+    /// watermark never passes an event that is in neither place.
+    async fn on_failed_publish(
+        &mut self,
+        label: &PublishLabel,
+        err: PublishError,
+    ) -> Result<PublishAck, Error> {
+        let err = self.sink.ack_error(label, err).await;
+        self.stats.publish_error(err.kind());
+        let (SinkError::NoStream { .. }, Some((table, payload))) = (&err, &label.dead_letter)
+        else {
+            if matches!(err, SinkError::NoStream { .. }) {
+                self.stats.poison_row(PoisonKind::NoStream.as_str(), "fail");
+            }
+            return Err(err.into());
+        };
+        let row = PoisonRow {
+            kind: PoisonKind::NoStream,
+            reason: err.to_string(),
+            table: table.to_string(),
+            event_id: label.event_id.clone(),
+            subject: Some(label.subject.to_string()),
+            commit_lsn: label.commit_lsn,
+            payload_size: payload.len(),
+            payload: payload.clone(),
+        };
+        let (event, dead_letter) = self.dead_letter_or_fail(row, err.into(), label.commit_time)?;
+        let pending = self.sink.publish(event, &dead_letter).await?;
+        match pending.await {
+            Ok(ack) => Ok(ack),
+            Err(err) => Err(self.sink.ack_error(&dead_letter, err).await.into()),
+        }
+    }
+
+    /// With `--on-error dead-letter`, the dead letter to publish for `row`; else `err`.
+    fn dead_letter_or_fail(
+        &self,
+        row: PoisonRow,
+        err: Error,
+        commit_time: std::time::SystemTime,
+    ) -> Result<(crate::mapping::OutboxEvent, PublishLabel), Error> {
+        let ErrorPolicy::DeadLetter { subject } = &self.settings.on_error else {
+            self.stats.poison_row(row.kind.as_str(), "fail");
+            return Err(err);
+        };
+        self.stats.poison_row(row.kind.as_str(), "dead_letter");
+        tracing::warn!(kind = row.kind.as_str(), event_id = %row.event_id, table = %row.table,
+            subject = row.subject.as_deref().unwrap_or("-"), commit_lsn = %row.commit_lsn,
+            reason = %row.reason, dead_letter_subject = %subject,
+            "published a row that cannot be published as itself to the dead-letter subject");
+        let label = PublishLabel {
+            subject: Subject::from(subject.as_str()),
+            event_id: row.event_id.clone(),
+            commit_lsn: row.commit_lsn,
+            commit_time,
+            dead_letter: None,
+        };
+        Ok((
+            row.into_dead_letter(subject, self.sink.max_payload()),
+            label,
+        ))
+    }
+
+    fn push_in_flight(&mut self, ack: PublishAckFuture, label: PublishLabel) {
+        self.in_flight.push_back(Box::pin(ack.into_future()));
+        self.labels.push_back(label);
+        self.stats.in_flight.set(self.in_flight.len() as u64);
+        self.watermark.published();
     }
 
     async fn on_event(&mut self, event: WalEvent) -> Result<(), Error> {
@@ -430,24 +498,69 @@ impl<'a> Session<'a> {
                     self.stats.skipped_before_start();
                     return Ok(());
                 }
-                let event = mapping.map(&insert.tuple, &frame, txn, self.row_index)?;
+                let row_index = self.row_index;
                 self.row_index += 1;
-                let label = PublishLabel {
-                    subject: Subject::from(event.subject.as_str()),
-                    event_id: event.id.as_str().to_owned(),
-                    commit_lsn: txn.commit_lsn,
-                    commit_time: txn.commit_time,
+                let keep_for_dead_letter = self.settings.on_error != ErrorPolicy::Fail;
+                let commit_time = txn.commit_time;
+                let mapped = match mapping.map(&insert.tuple, &frame, txn, row_index) {
+                    Ok(event) => {
+                        let label = PublishLabel {
+                            subject: Subject::from(event.subject.as_str()),
+                            event_id: event.id.as_str().to_owned(),
+                            commit_lsn: txn.commit_lsn,
+                            commit_time,
+                            dead_letter: keep_for_dead_letter
+                                .then(|| (mapping.table_shared(), event.payload.clone())),
+                        };
+                        Ok((event, label))
+                    }
+                    Err(unmappable) => {
+                        let payload = mapping.raw_payload(&insert.tuple, &frame);
+                        let row = PoisonRow {
+                            kind: PoisonKind::Unmappable,
+                            reason: unmappable.reason.clone(),
+                            table: unmappable.table.clone(),
+                            event_id: unmappable.event_id.clone(),
+                            subject: unmappable.subject.clone(),
+                            commit_lsn: unmappable.commit_lsn,
+                            payload_size: payload.len(),
+                            payload,
+                        };
+                        Err((row, Error::from(unmappable)))
+                    }
                 };
-                let stats = self.stats;
-                let ack: PublishAckFuture = self
-                    .sink
-                    .publish(event, &label)
-                    .await
-                    .inspect_err(|e| stats.publish_error(e.kind()))?;
-                self.in_flight.push_back(Box::pin(ack.into_future()));
-                self.labels.push_back(label);
-                self.stats.in_flight.set(self.in_flight.len() as u64);
-                self.watermark.published();
+                let (event, label) = match mapped {
+                    Ok(mapped) => mapped,
+                    Err((row, err)) => self.dead_letter_or_fail(row, err, commit_time)?,
+                };
+                let ack = match self.sink.publish(event, &label).await {
+                    Ok(ack) => ack,
+                    Err(err) => {
+                        self.stats.publish_error(err.kind());
+                        let SinkError::TooLarge { size, .. } = &err else {
+                            return Err(err.into());
+                        };
+                        let row = PoisonRow {
+                            kind: PoisonKind::TooLarge,
+                            reason: err.to_string(),
+                            table: label
+                                .dead_letter
+                                .as_ref()
+                                .map_or_else(String::new, |(table, _)| table.to_string()),
+                            event_id: label.event_id.clone(),
+                            subject: Some(label.subject.to_string()),
+                            commit_lsn: label.commit_lsn,
+                            payload: bytes::Bytes::new(),
+                            payload_size: *size,
+                        };
+                        let (event, label) =
+                            self.dead_letter_or_fail(row, err.into(), commit_time)?;
+                        let ack = self.sink.publish(event, &label).await?;
+                        self.push_in_flight(ack, label);
+                        return Ok(());
+                    }
+                };
+                self.push_in_flight(ack, label);
             }
             Message::Skipped(kind) => {
                 self.stats.skipped(kind);

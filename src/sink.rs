@@ -398,6 +398,9 @@ pub struct PublishLabel {
     pub event_id: String,
     pub commit_lsn: crate::lsn::Lsn,
     pub commit_time: std::time::SystemTime,
+    /// The event's table and body, kept until the ack only with `--on-error dead-letter`, so a
+    /// publish that no stream accepts can still be dead-lettered whole.
+    pub dead_letter: Option<(std::sync::Arc<str>, bytes::Bytes)>,
 }
 
 pub struct JetStreamSink {
@@ -406,6 +409,11 @@ pub struct JetStreamSink {
 }
 
 impl JetStreamSink {
+    /// The server's largest accepted message.
+    pub fn max_payload(&self) -> usize {
+        self.context.client().server_info().max_payload
+    }
+
     pub fn context(&self) -> &jetstream::Context {
         &self.context
     }

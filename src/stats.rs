@@ -56,6 +56,7 @@ pub struct Stats {
     pub reconnects: Counter,
     publish_errors: Family<Label, Counter>,
     skipped: Family<Label, Counter>,
+    poison_rows: Family<[(&'static str, &'static str); 2], Counter>,
     pub in_flight: U64Gauge,
     pub confirmed_lsn: U64Gauge,
     pub last_acked_commit_lsn: U64Gauge,
@@ -79,6 +80,7 @@ impl Default for Stats {
             reconnects: Counter::default(),
             publish_errors: Family::default(),
             skipped: Family::default(),
+            poison_rows: Family::default(),
             in_flight: U64Gauge::default(),
             confirmed_lsn: U64Gauge::default(),
             last_acked_commit_lsn: U64Gauge::default(),
@@ -127,6 +129,11 @@ impl Stats {
             "rows_skipped",
             "Changes skipped by reason (updates, deletes, truncates, other messages)",
             self.skipped.clone(),
+        );
+        r.register(
+            "poison_rows",
+            "Rows that could not be published as themselves, by kind and action (dead_letter or fail)",
+            self.poison_rows.clone(),
         );
         r.register(
             "in_flight",
@@ -188,6 +195,13 @@ impl Stats {
         self.skipped
             .get(&[("reason", reason)])
             .map_or(0, |c| c.get())
+    }
+
+    /// A row that could not be published as itself, and what was done: `dead_letter` or `fail`.
+    pub fn poison_row(&self, kind: &'static str, action: &'static str) {
+        self.poison_rows
+            .get_or_create(&[("kind", kind), ("action", action)])
+            .inc();
     }
 
     pub fn publish_error(&self, kind: &'static str) {

@@ -175,6 +175,20 @@ impl SubjectMap {
     }
 }
 
+/// Adds `filter` to `filters` unless one of them covers it already (a stream may not list
+/// overlapping subjects); filters it covers are dropped.
+pub fn add_capture_filter(filters: &mut Vec<String>, filter: &str) {
+    let Ok(candidate) = tokens(filter) else {
+        return;
+    };
+    let parsed: Vec<Vec<Token>> = filters.iter().filter_map(|f| tokens(f).ok()).collect();
+    if parsed.iter().any(|f| covers(f, &candidate)) {
+        return;
+    }
+    filters.retain(|f| tokens(f).map_or(true, |f| !covers(&candidate, &f)));
+    filters.push(filter.to_owned());
+}
+
 /// Whether every subject `inner` matches is matched by `outer`.
 fn covers(outer: &[Token], inner: &[Token]) -> bool {
     for (i, o) in outer.iter().enumerate() {
@@ -269,5 +283,10 @@ mod tests {
         assert_eq!(m.capture_filters("outbox.>"), ["outbox.>", "prod.orders.*"]);
         let m = map(&["x.*=p.*", "y.>=p.>"]);
         assert_eq!(m.capture_filters("x.*"), ["x.*", "p.>"]);
+        let mut filters = vec!["outbox.>".to_owned()];
+        add_capture_filter(&mut filters, "outbox.dead");
+        assert_eq!(filters, ["outbox.>"]);
+        add_capture_filter(&mut filters, "dlq.outbox");
+        assert_eq!(filters, ["outbox.>", "dlq.outbox"]);
     }
 }

@@ -1,0 +1,177 @@
+//! `--on-error dead-letter`: a row that cannot be published as itself — it cannot be mapped, its
+//! payload is over the server's `max_payload`, or no stream captures its subject — is published
+//! to the dead-letter subject instead, with headers saying why, and the pipeline goes on in order.
+//! With `--on-error fail` (the default) the same rows stop the process instead; never is one
+//! skipped silently.
+
+use async_nats::HeaderMap;
+use async_nats::header::HeaderValue;
+use bytes::Bytes;
+
+use crate::lsn::Lsn;
+use crate::mapping::{HEADER_COMMIT_LSN, HEADER_MSG_ID, HEADER_TABLE, OutboxEvent};
+
+pub const HEADER_ERROR: &str = "Outbox-Error";
+pub const HEADER_ERROR_KIND: &str = "Outbox-Error-Kind";
+pub const HEADER_ORIGINAL_SUBJECT: &str = "Outbox-Original-Subject";
+pub const HEADER_EVENT_ID: &str = "Outbox-Event-Id";
+pub const HEADER_PAYLOAD_SIZE: &str = "Outbox-Payload-Size";
+
+/// What to do with a row that cannot be published as itself.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum ErrorPolicy {
+    /// Stop with a message naming the row; a restart meets it again until it is fixed.
+    #[default]
+    Fail,
+    /// Publish it to this subject, with the reason in headers, and go on.
+    DeadLetter { subject: String },
+}
+
+/// Why a row went to the dead-letter subject.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoisonKind {
+    /// NULL subject placeholder, invalid subject, headers not a JSON object, …
+    Unmappable,
+    /// Payload over the server's max_payload.
+    TooLarge,
+    /// No stream captures the subject.
+    NoStream,
+}
+
+impl PoisonKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PoisonKind::Unmappable => "unmappable",
+            PoisonKind::TooLarge => "too_large",
+            PoisonKind::NoStream => "no_stream",
+        }
+    }
+}
+
+/// A poison row, as much as is known of it.
+#[derive(Debug, Clone)]
+pub struct PoisonRow {
+    pub kind: PoisonKind,
+    pub reason: String,
+    pub table: String,
+    pub event_id: String,
+    pub subject: Option<String>,
+    pub commit_lsn: Lsn,
+    /// The original body; published along when it fits.
+    pub payload: Bytes,
+    /// The original body's size (the body itself may be unavailable, e.g. when it is too large).
+    pub payload_size: usize,
+}
+
+impl PoisonRow {
+    /// The dead-letter message. Its `Nats-Msg-Id` is derived from the event id, so a replay
+    /// after a restart is de-duplicated like any event. A payload over `max_payload` is left out
+    /// (its size is in a header).
+    pub fn into_dead_letter(self, subject: &str, max_payload: usize) -> OutboxEvent {
+        let mut headers = HeaderMap::new();
+        let id = header_value(&format!("dead-letter:{}", self.event_id));
+        headers.insert(HEADER_MSG_ID, id.clone());
+        headers.insert(HEADER_ERROR_KIND, self.kind.as_str());
+        headers.insert(HEADER_ERROR, header_value(&self.reason));
+        headers.insert(HEADER_EVENT_ID, header_value(&self.event_id));
+        headers.insert(HEADER_TABLE, header_value(&self.table));
+        headers.insert(
+            HEADER_COMMIT_LSN,
+            header_value(&self.commit_lsn.to_string()),
+        );
+        if let Some(original) = &self.subject {
+            headers.insert(HEADER_ORIGINAL_SUBJECT, header_value(original));
+        }
+        headers.insert(
+            HEADER_PAYLOAD_SIZE,
+            header_value(&self.payload_size.to_string()),
+        );
+        // Headers count against max_payload too; leave them generous room.
+        let payload = if self.payload.len() + 4096 <= max_payload {
+            self.payload
+        } else {
+            Bytes::new()
+        };
+        OutboxEvent {
+            subject: subject.to_owned(),
+            headers,
+            payload,
+            id,
+        }
+    }
+}
+
+/// A header value from any text: line breaks and other control characters become spaces,
+/// and very long text is cut, so the dead letter itself is always publishable.
+fn header_value(text: &str) -> HeaderValue {
+    const MAX: usize = 1024;
+    let mut clean: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if clean.len() > MAX {
+        let mut cut = MAX;
+        while !clean.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        clean.truncate(cut);
+        clean.push('…');
+    }
+    HeaderValue::from(clean.as_str())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(payload: &'static [u8]) -> PoisonRow {
+        PoisonRow {
+            kind: PoisonKind::Unmappable,
+            reason: "subject placeholder `{event_type}` is NULL\r\nsecond line".into(),
+            table: "public.outbox".into(),
+            event_id: "42".into(),
+            subject: None,
+            commit_lsn: Lsn::new(0x1_0000_0010),
+            payload: Bytes::from_static(payload),
+            payload_size: payload.len(),
+        }
+    }
+
+    #[test]
+    fn carries_the_reason_table_id_lsn_and_payload() {
+        let event = row(b"{\"a\":1}").into_dead_letter("outbox.dead", 1 << 20);
+        assert_eq!(event.subject, "outbox.dead");
+        assert_eq!(event.payload.as_ref(), b"{\"a\":1}");
+        let h = |name: &str| event.headers.get(name).map(|v| v.as_str().to_owned());
+        assert_eq!(h(HEADER_MSG_ID).as_deref(), Some("dead-letter:42"));
+        assert_eq!(h(HEADER_ERROR_KIND).as_deref(), Some("unmappable"));
+        assert_eq!(
+            h(HEADER_ERROR).as_deref(),
+            Some("subject placeholder `{event_type}` is NULL  second line")
+        );
+        assert_eq!(h(HEADER_EVENT_ID).as_deref(), Some("42"));
+        assert_eq!(h(HEADER_TABLE).as_deref(), Some("public.outbox"));
+        assert_eq!(h(HEADER_COMMIT_LSN).as_deref(), Some("1/10"));
+        assert_eq!(h(HEADER_ORIGINAL_SUBJECT), None);
+        assert_eq!(h(HEADER_PAYLOAD_SIZE).as_deref(), Some("7"));
+    }
+
+    #[test]
+    fn leaves_out_a_payload_that_would_not_fit() {
+        let event = row(&[b'x'; 5000]).into_dead_letter("dlq", 8192);
+        assert!(event.payload.is_empty());
+        assert_eq!(
+            event.headers.get(HEADER_PAYLOAD_SIZE).map(|v| v.as_str()),
+            Some("5000")
+        );
+    }
+
+    #[test]
+    fn header_values_are_cleaned_and_bounded() {
+        let long = "é".repeat(2000);
+        let value = header_value(&long);
+        assert!(value.as_str().len() <= 1024 + '…'.len_utf8());
+        assert!(value.as_str().ends_with('…'));
+        assert_eq!(header_value("a\nb\tc").as_str(), "a b c");
+    }
+}
