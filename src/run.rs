@@ -29,7 +29,7 @@ const HEALTHY_SESSION: Duration = Duration::from_secs(10);
 fn backoff() -> impl Iterator<Item = Duration> {
     backon::ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(200))
-        .with_max_delay(Duration::from_secs(30))
+        .with_max_delay(Duration::from_secs(10))
         .with_factor(2.0)
         .with_jitter()
         .without_max_times()
@@ -80,7 +80,7 @@ pub async fn run(
                 if started.elapsed() >= HEALTHY_SESSION {
                     delays = backoff();
                 }
-                let delay = delays.next().unwrap_or(Duration::from_secs(30));
+                let delay = delays.next().unwrap_or(Duration::from_secs(10));
                 stats.reconnects.inc();
                 tracing::warn!(error = %err, retry_in = ?delay, "transient failure; retrying with backoff");
                 if supervisor.role == Role::Leader {

@@ -19,6 +19,8 @@ use futures::StreamExt;
 use outbox_cdc::embedded::{EmbeddedNats, EmbeddedPostgres, PostgresOptions};
 use tokio_postgres::NoTls;
 
+pub mod faults;
+
 pub const OUTBOX_SQL: &str = include_str!("../../sql/outbox.sql");
 
 /// A name no other test (or earlier run on a shared server) uses.

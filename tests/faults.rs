@@ -1,0 +1,272 @@
+//! The fault suite: real faults injected while concurrent writers produce a backlog and a live
+//! stream; every scenario ends with 0 lost, 0 duplicated, 0 reordered, and a slot that never
+//! confirmed past what JetStream held. Each prints one `FAULTS` line of figures.
+//!
+//! Sizes: `OUTBOX_CDC_FAULT_EVENTS` (default 100,000 for the kill -9 scenario, a fifth of it for
+//! the others); `OUTBOX_CDC_FAULT_SEED` repeats a run's fault timing.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::faults::*;
+use support::*;
+
+fn events(default: u64) -> u64 {
+    std::env::var("OUTBOX_CDC_FAULT_EVENTS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
+const SLOT: &str = "outbox_cdc";
+
+/// Waits for the stream to hold every committed event, then stops `publisher` cleanly and
+/// returns the verdict's inputs.
+async fn settle(
+    env: &TestEnv,
+    oracle: &Oracle,
+    publisher: &mut Publisher,
+) -> (Vec<Received>, Vec<CommittedRow>) {
+    let committed = oracle.rows(env).await;
+    let js = env.jetstream().await;
+    wait_for_messages(
+        &js,
+        &env.stream,
+        committed.len() as u64,
+        Duration::from_secs(180),
+        || publisher.log(),
+    )
+    .await;
+    let status = publisher.terminate(Duration::from_secs(30)).await;
+    assert!(status.success(), "{}", publisher.log());
+    (read_stream(&js, &env.stream).await, committed)
+}
+
+async fn leader(env: &TestEnv, extra: &[&str]) -> Publisher {
+    let publisher = env.publisher(extra);
+    publisher
+        .wait_for_log("this instance is the leader", Duration::from_secs(60))
+        .await;
+    publisher
+}
+
+/// From now until the stream holds more than it does now: how long publishing took to resume.
+async fn resumed_after(env: &TestEnv, since: Instant) -> Duration {
+    let js = env.jetstream().await;
+    let now = stream_message_count(&js, &env.stream).await;
+    time_until_stored(&js, &env.stream, now + 1, Duration::from_secs(120))
+        .await
+        .expect("publishing never resumed");
+    since.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publisher_kill_9_five_times_during_the_run() {
+    let total = events(100_000);
+    let env = TestEnv::start().await;
+    env.create_stream().await;
+    let oracle = env.oracle().await;
+    let mut publisher = leader(&env, &[]).await;
+    let mut chaos = Chaos::new();
+
+    Workload::start(&env, "backlog", 4, total / 2, 50, Duration::ZERO)
+        .finish(false)
+        .await;
+    let live = Workload::start(&env, "live", 4, total / 2, 50, Duration::from_millis(10));
+    let sampler = Sampler::start(&env, SLOT);
+    let mut recovery = Vec::new();
+    for _ in 0..5 {
+        tokio::time::sleep(chaos.between(Duration::from_millis(200), Duration::from_millis(1500)))
+            .await;
+        assert!(publisher.is_running(), "{}", publisher.log());
+        publisher.kill9();
+        let killed = Instant::now();
+        tokio::time::sleep(chaos.between(Duration::ZERO, Duration::from_millis(500))).await;
+        publisher = env.publisher(&[]);
+        // Keep the writers ahead, so that resuming is visible as growth.
+        recovery.push(resumed_after(&env, killed).await);
+    }
+    live.finish(false).await;
+    let (stream, committed) = settle(&env, &oracle, &mut publisher).await;
+    let samples = sampler.finish().await;
+    verdict("kill -9 x5", 5, &recovery, &stream, &committed, &samples);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_killed_and_restarted_on_the_same_store_mid_stream() {
+    let total = events(100_000) / 5;
+    let mut env = TestEnv::start().await;
+    if env.embedded_nats().is_none() {
+        eprintln!("skipped: needs an embedded NATS server to kill");
+        return;
+    }
+    env.create_stream().await;
+    let oracle = env.oracle().await;
+    let mut publisher = leader(&env, &["--ack-timeout", "2s"]).await;
+    Workload::start(&env, "backlog", 2, total / 2, 50, Duration::ZERO)
+        .finish(false)
+        .await;
+    let live = Workload::start(&env, "live", 2, total / 2, 20, Duration::from_millis(5));
+    let sampler = Sampler::start(&env, SLOT);
+    let js = env.jetstream().await;
+    time_until_stored(&js, &env.stream, total / 4, Duration::from_secs(60))
+        .await
+        .expect("streaming");
+    let nats = env.embedded_nats().expect("embedded");
+    nats.kill();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    nats.restart().expect("restart NATS on the same store");
+    let restarted = Instant::now();
+    let recovery = resumed_after(&env, restarted).await;
+    live.finish(false).await;
+    let (stream, committed) = settle(&env, &oracle, &mut publisher).await;
+    let samples = sampler.finish().await;
+    verdict(
+        "NATS SIGKILL + restart",
+        1,
+        &[recovery],
+        &stream,
+        &committed,
+        &samples,
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_down_at_startup_for_30s() {
+    let down: u64 = std::env::var("OUTBOX_CDC_FAULT_NATS_DOWN_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(30);
+    let total = events(100_000) / 5;
+    let mut env = TestEnv::start().await;
+    if env.embedded_nats().is_none() {
+        eprintln!("skipped: needs an embedded NATS server to kill");
+        return;
+    }
+    env.create_stream().await;
+    let oracle = env.oracle().await;
+    env.embedded_nats().expect("embedded").kill();
+    let mut publisher = env.publisher(&[]);
+    // The slot is created before NATS is needed: from then on, every row is the publisher's.
+    publisher
+        .wait_for_log("created replication slot", Duration::from_secs(30))
+        .await;
+    let live = Workload::start(&env, "live", 2, total, 20, Duration::from_millis(5));
+    let sampler = Sampler::start(&env, SLOT);
+    tokio::time::sleep(Duration::from_secs(down)).await;
+    assert!(
+        publisher.is_running(),
+        "gave up while NATS was down: {}",
+        publisher.log()
+    );
+    env.embedded_nats()
+        .expect("embedded")
+        .restart()
+        .expect("start NATS");
+    let started = Instant::now();
+    let js = env.jetstream().await;
+    time_until_stored(&js, &env.stream, 1, Duration::from_secs(60))
+        .await
+        .expect("publishing started");
+    let recovery = started.elapsed();
+    live.finish(false).await;
+    let (stream, committed) = settle(&env, &oracle, &mut publisher).await;
+    let samples = sampler.finish().await;
+    verdict(
+        &format!("NATS down at startup {down}s"),
+        1,
+        &[recovery],
+        &stream,
+        &committed,
+        &samples,
+    );
+}
+
+async fn postgres_restart(mode: &str) {
+    let total = events(100_000) / 5;
+    let env = TestEnv::start().await;
+    let Some(pg) = env.embedded_postgres() else {
+        eprintln!("skipped: needs an embedded PostgreSQL to restart");
+        return;
+    };
+    env.create_stream().await;
+    let oracle = env.oracle().await;
+    let mut publisher = leader(&env, &[]).await;
+    Workload::start(&env, "backlog", 2, total / 2, 50, Duration::ZERO)
+        .finish(false)
+        .await;
+    let live = Workload::start(&env, "live", 2, total / 2, 20, Duration::from_millis(5));
+    let sampler = Sampler::start(&env, SLOT);
+    let js = env.jetstream().await;
+    time_until_stored(&js, &env.stream, total / 4, Duration::from_secs(60))
+        .await
+        .expect("streaming");
+    pg.stop(mode).expect("stop PostgreSQL");
+    pg.start_again().expect("start PostgreSQL");
+    let restarted = Instant::now();
+    let recovery = resumed_after(&env, restarted).await;
+    live.finish(false).await;
+    let (stream, committed) = settle(&env, &oracle, &mut publisher).await;
+    let samples = sampler.finish().await;
+    verdict(
+        &format!("PostgreSQL restart -m {mode}"),
+        1,
+        &[recovery],
+        &stream,
+        &committed,
+        &samples,
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_restarted_fast_mid_stream() {
+    postgres_restart("fast").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_crashed_immediate_mid_stream() {
+    postgres_restart("immediate").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_killed_the_standby_takes_over() {
+    let total = events(100_000) / 5;
+    let env = TestEnv::start().await;
+    env.create_stream().await;
+    let oracle = env.oracle().await;
+    let mut first = leader(&env, &[]).await;
+    let mut standby = env.publisher(&[]);
+    standby
+        .wait_for_log("this instance is standby", Duration::from_secs(30))
+        .await;
+    let live = Workload::start(&env, "live", 2, total, 20, Duration::from_millis(5));
+    let sampler = Sampler::start(&env, SLOT);
+    let js = env.jetstream().await;
+    time_until_stored(&js, &env.stream, total / 4, Duration::from_secs(60))
+        .await
+        .expect("streaming");
+    first.kill9();
+    let killed = Instant::now();
+    standby
+        .wait_for_log("this instance is the leader", Duration::from_secs(60))
+        .await;
+    let takeover = killed.elapsed();
+    let resumed = resumed_after(&env, killed).await;
+    live.finish(false).await;
+    let (stream, committed) = settle(&env, &oracle, &mut standby).await;
+    let samples = sampler.finish().await;
+    println!(
+        "FAULTS leader kill -9: takeover {:.2}s, publishing resumed {:.2}s after the kill",
+        takeover.as_secs_f64(),
+        resumed.as_secs_f64()
+    );
+    verdict(
+        "leader kill -9, standby takes over",
+        1,
+        &[resumed],
+        &stream,
+        &committed,
+        &samples,
+    );
+}

@@ -1,0 +1,321 @@
+//! The fault suite's workload, invariant sampler and verdict.
+//!
+//! A scenario runs concurrent writers (a backlog, then a live stream), injects its fault while
+//! a sampler checks that the slot's confirmed position never passes what JetStream holds, and
+//! ends with the stream compared to the `test_decoding` oracle: lost, duplicated and reordered
+//! events are counted, printed on one line with the scenario's figures, and must all be 0.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::task::JoinHandle;
+use tokio_postgres::NoTls;
+
+use super::{CommittedRow, Received, TestEnv, rows_committed_through, stream_message_count};
+
+/// Writers inserting outbox rows until they have written `total` between them or are stopped.
+/// They survive server restarts: a failed transaction is retried on a new connection (the
+/// oracle, not the writers' count, says what committed).
+pub struct Workload {
+    stop: Arc<AtomicBool>,
+    written: Arc<AtomicU64>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Workload {
+    /// `writers` concurrent writers, transactions of 1..=`max_txn` rows, pausing `pause`
+    /// between transactions (zero: as fast as possible).
+    pub fn start(
+        env: &TestEnv,
+        name: &str,
+        writers: usize,
+        total: u64,
+        max_txn: u64,
+        pause: Duration,
+    ) -> Workload {
+        let stop = Arc::new(AtomicBool::new(false));
+        let written = Arc::new(AtomicU64::new(0));
+        let tasks = (0..writers)
+            .map(|w| {
+                let (stop, written) = (stop.clone(), written.clone());
+                let url = env.database_url.clone();
+                let writer = format!("{name}-{w}");
+                tokio::spawn(async move {
+                    let mut seed = 0x9E37_79B9_7F4A_7C15_u64 ^ (w as u64 + 1);
+                    let mut client = None;
+                    while !stop.load(Ordering::Relaxed) && written.load(Ordering::Relaxed) < total {
+                        let Some(c) = connected(&url, &mut client).await else {
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            continue;
+                        };
+                        seed = xorshift(seed);
+                        let rows = 1 + seed % max_txn;
+                        let result = c
+                            .execute(
+                                "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload, headers)
+                                 SELECT 'order', $1 || '-' || g, 'created',
+                                        jsonb_build_object('writer', $1::text, 'n', g),
+                                        jsonb_build_object('writer', $1::text)
+                                   FROM generate_series(1, $2::int) g",
+                                &[&writer, &(rows as i32)],
+                            )
+                            .await;
+                        match result {
+                            Ok(_) => {
+                                written.fetch_add(rows, Ordering::Relaxed);
+                            }
+                            Err(_) => {
+                                client = None;
+                                tokio::time::sleep(Duration::from_millis(100)).await;
+                            }
+                        }
+                        if !pause.is_zero() {
+                            tokio::time::sleep(pause).await;
+                        }
+                    }
+                })
+            })
+            .collect();
+        Workload {
+            stop,
+            written,
+            tasks,
+        }
+    }
+
+    pub fn written(&self) -> u64 {
+        self.written.load(Ordering::Relaxed)
+    }
+
+    /// Waits until the writers have written `rows`.
+    pub async fn wait_written(&self, rows: u64) {
+        while self.written() < rows {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Waits for the writers to reach their total (or stops them now, with `stop`).
+    pub async fn finish(self, stop: bool) -> u64 {
+        if stop {
+            self.stop.store(true, Ordering::Relaxed);
+        }
+        for task in self.tasks {
+            let _ = task.await;
+        }
+        self.written.load(Ordering::Relaxed)
+    }
+}
+
+async fn connected<'a>(
+    url: &str,
+    client: &'a mut Option<tokio_postgres::Client>,
+) -> Option<&'a tokio_postgres::Client> {
+    if client.as_ref().is_none_or(|c| c.is_closed()) {
+        let (c, conn) = tokio_postgres::connect(url, NoTls).await.ok()?;
+        tokio::spawn(conn);
+        *client = Some(c);
+    }
+    client.as_ref()
+}
+
+fn xorshift(mut x: u64) -> u64 {
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    x
+}
+
+/// A seeded random source for fault timing; the seed is printed so a run can be repeated
+/// (`OUTBOX_CDC_FAULT_SEED`).
+pub struct Chaos(u64);
+
+impl Chaos {
+    pub fn new() -> Chaos {
+        let seed = std::env::var("OUTBOX_CDC_FAULT_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos() as u64)
+                    .unwrap_or(1)
+                    | 1
+            });
+        println!("fault seed {seed} (OUTBOX_CDC_FAULT_SEED={seed} repeats it)");
+        Chaos(seed)
+    }
+
+    /// A duration in [low, high).
+    pub fn between(&mut self, low: Duration, high: Duration) -> Duration {
+        self.0 = xorshift(self.0);
+        let span = (high - low).as_micros().max(1) as u64;
+        low + Duration::from_micros(self.0 % span)
+    }
+}
+
+/// Samples (slot confirmed position, stream size) pairs while a scenario runs, reading the slot
+/// first: the stream only grows, so this order can only make the check stricter.
+pub struct Sampler {
+    stop: Arc<AtomicBool>,
+    task: JoinHandle<Vec<(u64, u64)>>,
+}
+
+impl Sampler {
+    pub fn start(env: &TestEnv, slot: &str) -> Sampler {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (url, nats, stream, slot) = (
+            env.database_url.clone(),
+            env.nats_url.clone(),
+            env.stream.clone(),
+            slot.to_owned(),
+        );
+        let flag = stop.clone();
+        let task = tokio::spawn(async move {
+            let mut samples = Vec::new();
+            let mut client = None;
+            let mut js = None;
+            while !flag.load(Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let Some(c) = connected(&url, &mut client).await else {
+                    continue;
+                };
+                let confirmed = match c
+                    .query_opt(
+                        "SELECT (confirmed_flush_lsn - '0/0')::bigint FROM pg_replication_slots WHERE slot_name = $1",
+                        &[&slot],
+                    )
+                    .await
+                {
+                    Ok(Some(row)) => row.get::<_, Option<i64>>(0).unwrap_or(0) as u64,
+                    Ok(None) => continue,
+                    Err(_) => {
+                        client = None;
+                        continue;
+                    }
+                };
+                if js.is_none() {
+                    let options = async_nats::ConnectOptions::new()
+                        .connection_timeout(Duration::from_millis(500));
+                    js = options
+                        .connect(&nats)
+                        .await
+                        .ok()
+                        .map(async_nats::jetstream::new);
+                }
+                let Some(context) = &js else { continue };
+                match context.get_stream(&stream).await {
+                    Ok(mut s) => match s.info().await {
+                        Ok(info) => samples.push((confirmed, info.state.messages)),
+                        Err(_) => js = None,
+                    },
+                    Err(_) => js = None,
+                }
+            }
+            samples
+        });
+        Sampler { stop, task }
+    }
+
+    pub async fn finish(self) -> Vec<(u64, u64)> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await.expect("sampler")
+    }
+}
+
+/// Waits until the stream holds `count` messages, up to `timeout`; the time it took.
+pub async fn time_until_stored(
+    js: &async_nats::jetstream::Context,
+    stream: &str,
+    count: u64,
+    timeout: Duration,
+) -> Option<Duration> {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if stream_message_count(js, stream).await >= count {
+            return Some(start.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    None
+}
+
+/// What a scenario found.
+#[derive(Debug)]
+pub struct Verdict {
+    pub events: usize,
+    pub lost: usize,
+    pub duplicated: usize,
+    pub reordered: usize,
+    /// Samples where the slot had confirmed more than the stream held.
+    pub ahead_of_stream: usize,
+    pub samples: usize,
+}
+
+/// Compares the stream with the oracle and the samples with both; prints one line of figures
+/// and panics unless nothing was lost, duplicated, reordered or confirmed too early.
+pub fn verdict(
+    scenario: &str,
+    faults: usize,
+    recovery: &[Duration],
+    stream: &[Received],
+    oracle: &[CommittedRow],
+    samples: &[(u64, u64)],
+) -> Verdict {
+    let mut seen = HashSet::new();
+    let duplicated = stream
+        .iter()
+        .filter(|m| !seen.insert(m.id.as_str()))
+        .count();
+    let position: HashMap<&str, usize> = oracle
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (r.id.as_str(), i))
+        .collect();
+    let lost = oracle
+        .iter()
+        .filter(|r| !seen.contains(r.id.as_str()))
+        .count();
+    // An event stored after one that committed later.
+    let mut reordered = 0;
+    let mut newest = None;
+    for m in stream {
+        if let Some(&p) = position.get(m.id.as_str()) {
+            if newest.is_some_and(|n| p < n) {
+                reordered += 1;
+            }
+            newest = Some(newest.map_or(p, |n: usize| n.max(p)));
+        }
+    }
+    let ahead_of_stream = samples
+        .iter()
+        .filter(|&&(confirmed, stored)| rows_committed_through(oracle, confirmed) as u64 > stored)
+        .count();
+    let worst = recovery.iter().max().copied().unwrap_or_default();
+    println!(
+        "FAULTS {scenario}: events={} faults={faults} recovery_max={:.2}s lost={lost} duplicated={duplicated} reordered={reordered} slot_ahead_of_stream={ahead_of_stream}/{} samples",
+        oracle.len(),
+        worst.as_secs_f64(),
+        samples.len()
+    );
+    let verdict = Verdict {
+        events: oracle.len(),
+        lost,
+        duplicated,
+        reordered,
+        ahead_of_stream,
+        samples: samples.len(),
+    };
+    assert_eq!(
+        (lost, duplicated, reordered, ahead_of_stream),
+        (0, 0, 0, 0),
+        "{scenario}: {verdict:?}"
+    );
+    assert_eq!(
+        stream.len(),
+        oracle.len(),
+        "{scenario}: the stream holds events the oracle does not"
+    );
+    verdict
+}
