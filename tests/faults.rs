@@ -270,3 +270,112 @@ async fn leader_killed_the_standby_takes_over() {
         &samples,
     );
 }
+
+fn signal(publisher: &Publisher, signal: libc::c_int) {
+    // SAFETY: kill(2) on the pid of a child this test started; no memory is involved.
+    let rc = unsafe { libc::kill(publisher.pid() as libc::pid_t, signal) };
+    assert_eq!(rc, 0, "kill({}, {signal})", publisher.pid());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frozen_leader_is_replaced_and_what_it_sends_on_waking_changes_nothing() {
+    let total = events(100_000) / 5;
+    let env = TestEnv::start_bare(outbox_cdc::embedded::PostgresOptions {
+        // PostgreSQL ends a silent walsender after this: the frozen leader loses the slot.
+        settings: vec![("wal_sender_timeout".into(), "'3s'".into())],
+        ..Default::default()
+    })
+    .await;
+    env.sql()
+        .await
+        .batch_execute(OUTBOX_SQL)
+        .await
+        .expect("outbox");
+    env.create_stream().await;
+    let oracle = env.oracle().await;
+    let mut frozen = leader(&env, &[]).await;
+    let mut standby = env.publisher(&[]);
+    standby
+        .wait_for_log("this instance is standby", Duration::from_secs(30))
+        .await;
+    let live = Workload::start(&env, "live", 2, total, 20, Duration::from_millis(2));
+    let sampler = Sampler::start(&env, SLOT);
+    let js = env.jetstream().await;
+    time_until_stored(&js, &env.stream, total / 4, Duration::from_secs(60))
+        .await
+        .expect("streaming");
+    signal(&frozen, libc::SIGSTOP);
+    let stopped = Instant::now();
+    standby
+        .wait_for_log("this instance is the leader", Duration::from_secs(60))
+        .await;
+    let takeover = stopped.elapsed();
+    // Wake the old leader at once, while the new one re-sends what it had in flight.
+    signal(&frozen, libc::SIGCONT);
+    live.finish(false).await;
+    let (stream, committed) = settle(&env, &oracle, &mut standby).await;
+    let samples = sampler.finish().await;
+    let status = frozen.terminate(Duration::from_secs(30)).await;
+    eprintln!("old leader's log:\n{}", frozen.log());
+    println!(
+        "FAULTS frozen leader: takeover {:.2}s after SIGSTOP (wal_sender_timeout 3s); old leader exited {status:?}",
+        takeover.as_secs_f64()
+    );
+    verdict(
+        "leader SIGSTOP/SIGCONT",
+        1,
+        &[takeover],
+        &stream,
+        &committed,
+        &samples,
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn network_to_postgres_cut_and_restored() {
+    let total = events(100_000) / 5;
+    let env = TestEnv::start().await;
+    let Some(pg) = env.embedded_postgres() else {
+        eprintln!("skipped: needs an embedded PostgreSQL behind the proxy");
+        return;
+    };
+    let proxy = support::proxy::TcpProxy::start(pg.port()).await;
+    env.create_stream().await;
+    let oracle = env.oracle().await;
+    let mut args = env.publisher_args();
+    let at = args
+        .iter()
+        .position(|a| a == "--database-url")
+        .expect("harness sets --database-url");
+    args[at + 1] =
+        args[at + 1].replace(&format!(":{}/", pg.port()), &format!(":{}/", proxy.port()));
+    let mut publisher = Publisher::start(&args);
+    publisher
+        .wait_for_log("this instance is the leader", Duration::from_secs(30))
+        .await;
+    Workload::start(&env, "backlog", 2, total / 2, 50, Duration::ZERO)
+        .finish(false)
+        .await;
+    let live = Workload::start(&env, "live", 2, total / 2, 20, Duration::from_millis(5));
+    let sampler = Sampler::start(&env, SLOT);
+    let js = env.jetstream().await;
+    time_until_stored(&js, &env.stream, total / 4, Duration::from_secs(60))
+        .await
+        .expect("streaming");
+    proxy.cut();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    proxy.restore();
+    let restored = Instant::now();
+    let recovery = resumed_after(&env, restored).await;
+    live.finish(false).await;
+    let (stream, committed) = settle(&env, &oracle, &mut publisher).await;
+    let samples = sampler.finish().await;
+    verdict(
+        "network to PostgreSQL cut 3s",
+        1,
+        &[recovery],
+        &stream,
+        &committed,
+        &samples,
+    );
+}

@@ -20,6 +20,7 @@ use outbox_cdc::embedded::{EmbeddedNats, EmbeddedPostgres, PostgresOptions};
 use tokio_postgres::NoTls;
 
 pub mod faults;
+pub mod proxy;
 
 pub const OUTBOX_SQL: &str = include_str!("../../sql/outbox.sql");
 
