@@ -379,3 +379,54 @@ async fn network_to_postgres_cut_and_restored() {
         &samples,
     );
 }
+
+/// `OUTBOX_CDC_FAULT_LARGE_ROWS` (default 200,000; the README's figure is for 1,000,000).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huge_transaction_with_the_publisher_killed_halfway() {
+    let rows: u64 = std::env::var("OUTBOX_CDC_FAULT_LARGE_ROWS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(200_000);
+    let env = TestEnv::start().await;
+    env.create_stream().await;
+    let oracle = env.oracle().await;
+    let mut publisher = leader(&env, &[]).await;
+    let sampler = Sampler::start(&env, SLOT);
+    write_events(&env.sql().await, "huge", rows as usize, rows as usize).await;
+    let js = env.jetstream().await;
+    time_until_stored(&js, &env.stream, rows / 2, Duration::from_secs(600))
+        .await
+        .expect("half the transaction streamed");
+    let peak_before = publisher.peak_rss_kib().unwrap_or(0);
+    publisher.kill9();
+    let killed = Instant::now();
+    let confirmed = env.confirmed_flush_lsn(SLOT).await.expect("slot");
+    let mut publisher = env.publisher(&[]);
+    let recovery = resumed_after(&env, killed).await;
+    let mut peak_after = 0;
+    while stream_message_count(&js, &env.stream).await < rows {
+        peak_after = peak_after.max(publisher.peak_rss_kib().unwrap_or(0));
+        assert!(publisher.is_running(), "{}", publisher.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    peak_after = peak_after.max(publisher.peak_rss_kib().unwrap_or(0));
+    let (stream, committed) = settle(&env, &oracle, &mut publisher).await;
+    let samples = sampler.finish().await;
+    assert!(
+        (confirmed as usize) < committed.last().map_or(0, |r| r.commit_end as usize),
+        "the slot must not confirm a transaction that is half published"
+    );
+    println!(
+        "FAULTS {rows}-row transaction: peak RSS {:.1} MiB before the kill, {:.1} MiB after; the restart re-read the transaction from its start",
+        peak_before as f64 / 1024.0,
+        peak_after as f64 / 1024.0
+    );
+    verdict(
+        &format!("{rows}-row transaction, kill -9 halfway"),
+        1,
+        &[recovery],
+        &stream,
+        &committed,
+        &samples,
+    );
+}
