@@ -430,3 +430,142 @@ async fn huge_transaction_with_the_publisher_killed_halfway() {
         &samples,
     );
 }
+
+/// Three `nats-server`s in a cluster on loopback.
+async fn nats_cluster() -> Vec<outbox_cdc::embedded::EmbeddedNats> {
+    let ports: Vec<u16> = (0..3)
+        .map(|_| outbox_cdc::embedded::free_port().expect("port"))
+        .collect();
+    let routes: Vec<String> = ports
+        .iter()
+        .map(|p| format!("nats-route://127.0.0.1:{p}"))
+        .collect();
+    let mut nodes = Vec::new();
+    for (i, port) in ports.iter().enumerate() {
+        let config = format!(
+            "server_name: n{i}\ncluster {{ name: outbox_test, listen: 127.0.0.1:{port}, routes: [{}] }}",
+            routes.join(", ")
+        );
+        nodes.push(
+            tokio::task::spawn_blocking(move || {
+                outbox_cdc::embedded::EmbeddedNats::start_with_config(&config)
+            })
+            .await
+            .expect("join")
+            .expect("start cluster node"),
+        );
+    }
+    nodes
+}
+
+/// The port of the server the publisher connected to last (async-nats logs it).
+fn connected_port(publisher: &Publisher) -> Option<u16> {
+    let log = publisher.log();
+    let plain: String = strip_ansi(&log);
+    plain
+        .rsplit("connected successfully server=")
+        .next()
+        .filter(|_| plain.contains("connected successfully server="))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|port| port.parse().ok())
+}
+
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_cluster_node_killed_then_the_publishers_own_node() {
+    if std::env::var("OUTBOX_CDC_TEST_NATS_URL").is_ok() {
+        eprintln!("skipped: starts its own cluster");
+        return;
+    }
+    let total = events(100_000) / 5;
+    let mut env = TestEnv::start().await;
+    let mut nodes = nats_cluster().await;
+    env.nats_url = nodes.iter().map(|n| n.url()).collect::<Vec<_>>().join(",");
+    // The cluster elects its JetStream meta leader after a moment: retry the R3 stream.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let created = async {
+            let client = async_nats::connect(nodes[0].url()).await.ok()?;
+            async_nats::jetstream::new(client)
+                .create_stream(async_nats::jetstream::stream::Config {
+                    name: env.stream.clone(),
+                    subjects: vec![format!("{}.>", env.subject_prefix)],
+                    duplicate_window: Duration::from_secs(600),
+                    num_replicas: 3,
+                    ..Default::default()
+                })
+                .await
+                .ok()
+        }
+        .await;
+        if created.is_some() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the cluster never accepted an R3 stream"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let oracle = env.oracle().await;
+    let mut publisher = leader(&env, &["--ack-timeout", "3s"]).await;
+    Workload::start(&env, "backlog", 2, total / 2, 50, Duration::ZERO)
+        .finish(false)
+        .await;
+    let live = Workload::start(&env, "live", 2, total / 2, 20, Duration::from_millis(5));
+    let sampler = Sampler::start(&env, SLOT);
+    let js = env.jetstream().await;
+    time_until_stored(&js, &env.stream, total / 4, Duration::from_secs(60))
+        .await
+        .expect("streaming");
+
+    let mut recovery = Vec::new();
+    // A node the publisher is not connected to, then (after it is back) its own.
+    let own = connected_port(&publisher).expect("the publisher logged its server");
+    let other = nodes
+        .iter()
+        .position(|n| n.port() != own)
+        .expect("another node");
+    nodes[other].kill();
+    let killed = Instant::now();
+    recovery.push(resumed_after(&env, killed).await);
+    nodes[other].restart().expect("restart node");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let own = connected_port(&publisher).expect("the publisher logged its server");
+    let own = nodes
+        .iter()
+        .position(|n| n.port() == own)
+        .expect("the publisher's node");
+    nodes[own].kill();
+    let killed = Instant::now();
+    recovery.push(resumed_after(&env, killed).await);
+    nodes[own].restart().expect("restart node");
+
+    live.finish(false).await;
+    let (stream, committed) = settle(&env, &oracle, &mut publisher).await;
+    let samples = sampler.finish().await;
+    verdict(
+        "NATS 3-node cluster, R3 stream: a node, then the publisher's node, killed",
+        2,
+        &recovery,
+        &stream,
+        &committed,
+        &samples,
+    );
+}

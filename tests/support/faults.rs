@@ -199,7 +199,7 @@ impl Sampler {
                     let options = async_nats::ConnectOptions::new()
                         .connection_timeout(Duration::from_millis(500));
                     js = options
-                        .connect(&nats)
+                        .connect(super::server_addrs(&nats))
                         .await
                         .ok()
                         .map(async_nats::jetstream::new);

@@ -143,7 +143,7 @@ impl TestEnv {
     }
 
     pub async fn jetstream(&self) -> jetstream::Context {
-        let client = async_nats::connect(&self.nats_url)
+        let client = async_nats::connect(server_addrs(&self.nats_url))
             .await
             .expect("connect to NATS");
         jetstream::new(client)
@@ -220,6 +220,13 @@ impl TestEnv {
         row.and_then(|r| r.get::<_, Option<i64>>(0))
             .map(|v| v as u64)
     }
+}
+
+/// A comma-separated URL list as server addresses.
+pub fn server_addrs(urls: &str) -> Vec<async_nats::ServerAddr> {
+    urls.split(',')
+        .map(|u| u.trim().parse().expect("a NATS URL"))
+        .collect()
 }
 
 /// Inserts `count` events in transactions of `per_txn` rows, as one writer.
@@ -473,13 +480,25 @@ pub struct Received {
 /// Reads every message of the stream in stream order.
 pub async fn read_stream(js: &jetstream::Context, stream: &str) -> Vec<Received> {
     let total = stream_message_count(js, stream).await as usize;
-    let consumer = js
-        .get_stream(stream)
-        .await
-        .expect("stream")
-        .create_consumer(consumer::pull::OrderedConfig::default())
-        .await
-        .expect("ordered consumer");
+    // Retried: a cluster that just lost or regained a node may take a moment to answer.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let consumer = loop {
+        let attempt = async {
+            js.get_stream(stream)
+                .await
+                .ok()?
+                .create_consumer(consumer::pull::OrderedConfig::default())
+                .await
+                .ok()
+        };
+        match attempt.await {
+            Some(consumer) => break consumer,
+            None if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(500)).await
+            }
+            None => panic!("cannot create an ordered consumer on {stream}"),
+        }
+    };
     let mut messages = consumer.messages().await.expect("messages");
     let mut out = Vec::with_capacity(total);
     while out.len() < total {
