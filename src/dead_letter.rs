@@ -1,5 +1,6 @@
 //! `--on-error dead-letter`: a row that cannot be published as itself — it cannot be mapped, its
-//! payload is over the server's `max_payload`, or no stream captures its subject — is published
+//! payload is over the server's `max_payload`, no stream captures its subject, or JetStream
+//! refuses the message itself — is published
 //! to the dead-letter subject instead, with headers saying why, and the pipeline goes on in order.
 //! With `--on-error fail` (the default) the same rows stop the process instead; never is one
 //! skipped silently.
@@ -36,6 +37,8 @@ pub enum PoisonKind {
     TooLarge,
     /// No stream captures the subject.
     NoStream,
+    /// JetStream refused the message itself (e.g. headers over 64 KiB).
+    Rejected,
 }
 
 impl PoisonKind {
@@ -44,6 +47,7 @@ impl PoisonKind {
             PoisonKind::Unmappable => "unmappable",
             PoisonKind::TooLarge => "too_large",
             PoisonKind::NoStream => "no_stream",
+            PoisonKind::Rejected => "rejected",
         }
     }
 }

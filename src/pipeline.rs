@@ -375,15 +375,17 @@ impl<'a> Session<'a> {
     ) -> Result<PublishAck, Error> {
         let err = self.sink.ack_error(label, err).await;
         self.stats.publish_error(err.kind());
-        let (SinkError::NoStream { .. }, Some((table, payload))) = (&err, &label.dead_letter)
-        else {
-            if matches!(err, SinkError::NoStream { .. }) {
-                self.stats.poison_row(PoisonKind::NoStream.as_str(), "fail");
-            }
+        let kind = match &err {
+            SinkError::NoStream { .. } => PoisonKind::NoStream,
+            SinkError::Rejected { .. } => PoisonKind::Rejected,
+            _ => return Err(err.into()),
+        };
+        let Some((table, payload)) = &label.dead_letter else {
+            self.stats.poison_row(kind.as_str(), "fail");
             return Err(err.into());
         };
         let row = PoisonRow {
-            kind: PoisonKind::NoStream,
+            kind,
             reason: err.to_string(),
             table: table.to_string(),
             event_id: label.event_id.clone(),

@@ -191,8 +191,8 @@ pub enum SinkError {
         commit_lsn: String,
     },
     #[error(
-        "event `{event_id}` (subject `{subject}`, commit LSN {commit_lsn}) is {size} bytes with headers, over the NATS \
-         server's max_payload of {max} bytes; raise max_payload on the server or make the event smaller"
+        "event `{event_id}` (subject `{subject}`, commit LSN {commit_lsn}): its {size}-byte payload plus headers is over \
+         the NATS server's max_payload of {max} bytes; raise max_payload on the server or make the event smaller"
     )]
     TooLarge {
         event_id: String,
@@ -200,6 +200,16 @@ pub enum SinkError {
         commit_lsn: String,
         size: usize,
         max: usize,
+    },
+    #[error(
+        "JetStream rejected event `{event_id}` (subject `{subject}`, commit LSN {commit_lsn}): {detail}; \
+         fix the row (or the stream's limits) and restart, or run with --on-error dead-letter"
+    )]
+    Rejected {
+        event_id: String,
+        subject: String,
+        commit_lsn: String,
+        detail: String,
     },
     #[error(
         "publishing event `{event_id}` (subject `{subject}`, commit LSN {commit_lsn}) failed: {detail}"
@@ -220,7 +230,10 @@ impl SinkError {
                 *transient
             }
             SinkError::Disconnected | SinkError::Checkpoint { .. } => true,
-            SinkError::Stream(_) | SinkError::NoStream { .. } | SinkError::TooLarge { .. } => false,
+            SinkError::Stream(_)
+            | SinkError::NoStream { .. }
+            | SinkError::TooLarge { .. }
+            | SinkError::Rejected { .. } => false,
         }
     }
 
@@ -233,6 +246,7 @@ impl SinkError {
             SinkError::Checkpoint { .. } => "checkpoint",
             SinkError::NoStream { .. } => "no_stream",
             SinkError::TooLarge { .. } => "too_large",
+            SinkError::Rejected { .. } => "rejected",
             SinkError::Publish { .. } => "publish",
         }
     }
@@ -596,6 +610,21 @@ impl JetStreamSink {
             }
             PublishErrorKind::TimedOut => {
                 self.publish_error(label, "no ack within the ack timeout".into(), true)
+            }
+            // 400: JetStream refuses this message itself (e.g. headers over 64 KiB); sending it
+            // again cannot help. Other codes (503 no leader, 500) are about the server's state.
+            PublishErrorKind::Other
+                if std::error::Error::source(&err)
+                    .and_then(|e| e.downcast_ref::<jetstream::Error>())
+                    .is_some_and(|e| e.code() == 400) =>
+            {
+                SinkError::Rejected {
+                    event_id: label.event_id.clone(),
+                    subject: label.subject.to_string(),
+                    commit_lsn: label.commit_lsn.to_string(),
+                    detail: std::error::Error::source(&err)
+                        .map_or_else(|| err.to_string(), |e| e.to_string()),
+                }
             }
             _ => self.publish_error(label, err.to_string(), true),
         }
