@@ -179,6 +179,10 @@ pub enum SinkError {
     Disconnected,
     #[error("JetStream stream setup: {0}")]
     Stream(String),
+    /// JetStream did not answer a stream request in time, or answered that it is unavailable
+    /// (a cluster electing a leader, a server starting): retried.
+    #[error("JetStream is not answering stream requests yet: {0}")]
+    StreamUnavailable(String),
     #[error("checkpoint in KV bucket `{bucket}`: {detail}")]
     Checkpoint { bucket: String, detail: String },
     #[error(
@@ -229,7 +233,9 @@ impl SinkError {
             SinkError::Connect { transient, .. } | SinkError::Publish { transient, .. } => {
                 *transient
             }
-            SinkError::Disconnected | SinkError::Checkpoint { .. } => true,
+            SinkError::Disconnected
+            | SinkError::Checkpoint { .. }
+            | SinkError::StreamUnavailable(_) => true,
             SinkError::Stream(_)
             | SinkError::NoStream { .. }
             | SinkError::TooLarge { .. }
@@ -242,7 +248,7 @@ impl SinkError {
         match self {
             SinkError::Connect { .. } => "connect",
             SinkError::Disconnected => "disconnected",
-            SinkError::Stream(_) => "stream_setup",
+            SinkError::Stream(_) | SinkError::StreamUnavailable(_) => "stream_setup",
             SinkError::Checkpoint { .. } => "checkpoint",
             SinkError::NoStream { .. } => "no_stream",
             SinkError::TooLarge { .. } => "too_large",
@@ -381,6 +387,19 @@ impl Checkpoint {
     }
 }
 
+/// Reading a stream failed: transient when the request went unanswered or JetStream said it is
+/// unavailable (5xx), permanent otherwise (e.g. an invalid name, no permission).
+fn get_stream_error(name: &str, err: jetstream::context::GetStreamError) -> SinkError {
+    let detail = format!("reading stream `{name}`: {err}");
+    match err.kind() {
+        jetstream::context::GetStreamErrorKind::Request => SinkError::StreamUnavailable(detail),
+        jetstream::context::GetStreamErrorKind::JetStream(e) if e.code() >= 500 => {
+            SinkError::StreamUnavailable(detail)
+        }
+        _ => SinkError::Stream(detail),
+    }
+}
+
 /// NATS URLs with credentials hidden: `user:password@` becomes `user:***@`, and a token
 /// (`token@`) becomes `***@`. Works on comma-separated lists.
 pub fn redact_nats_url(urls: &str) -> String {
@@ -510,13 +529,25 @@ impl JetStreamSink {
                             ..Default::default()
                         })
                         .await
-                        .map_err(|e| SinkError::Stream(format!("creating stream `{name}`: {e}")))?;
+                        .map_err(|e| {
+                            let detail = format!("creating stream `{name}`: {e}");
+                            match e.kind() {
+                                jetstream::context::CreateStreamErrorKind::TimedOut
+                                | jetstream::context::CreateStreamErrorKind::JetStreamUnavailable => {
+                                    SinkError::StreamUnavailable(detail)
+                                }
+                                jetstream::context::CreateStreamErrorKind::JetStream(e)
+                                    if e.code() >= 500 =>
+                                {
+                                    SinkError::StreamUnavailable(detail)
+                                }
+                                _ => SinkError::Stream(detail),
+                            }
+                        })?;
                     tracing::info!(stream = %name, subjects = ?config.capture_subjects,
                         duplicate_window = ?config.duplicate_window, "created JetStream stream");
                 }
-                Err(err) => {
-                    return Err(SinkError::Stream(format!("reading stream `{name}`: {err}")));
-                }
+                Err(err) => return Err(get_stream_error(name, err)),
             }
         }
         let mut names = Vec::new();
@@ -539,11 +570,11 @@ impl JetStreamSink {
                 .context
                 .get_stream(&name)
                 .await
-                .map_err(|e| SinkError::Stream(format!("reading stream `{name}`: {e}")))?;
-            let info = stream
-                .info()
-                .await
-                .map_err(|e| SinkError::Stream(format!("reading stream `{name}`: {e}")))?;
+                .map_err(|e| get_stream_error(&name, e))?;
+            // A failed info request is a timeout or no responders: the server's state, not ours.
+            let info = stream.info().await.map_err(|e| {
+                SinkError::StreamUnavailable(format!("reading stream `{name}`: {e}"))
+            })?;
             let window = info.config.duplicate_window;
             if window < MIN_SAFE_DUPLICATE_WINDOW {
                 tracing::warn!(stream = %name, duplicate_window = ?window,
@@ -668,6 +699,8 @@ mod tests {
     #[test]
     fn classifies_errors() {
         assert!(SinkError::Disconnected.is_transient());
+        assert!(SinkError::StreamUnavailable("timed out".into()).is_transient());
+        assert!(!SinkError::Stream("invalid config".into()).is_transient());
         assert!(
             !SinkError::NoStream {
                 subject: "a".into(),

@@ -156,7 +156,9 @@ impl Chaos {
 }
 
 /// Samples (slot confirmed position, stream size) pairs while a scenario runs, reading the slot
-/// first: the stream only grows, so this order can only make the check stricter.
+/// first: a stream read afterwards can only hold more, so a violation found is a real one.
+/// The stream only grows; a count below one seen before is a stale answer (a cluster node that
+/// just restarted) and is not used.
 pub struct Sampler {
     stop: Arc<AtomicBool>,
     task: JoinHandle<Vec<(u64, u64)>>,
@@ -174,6 +176,7 @@ impl Sampler {
         let flag = stop.clone();
         let task = tokio::spawn(async move {
             let mut samples = Vec::new();
+            let mut most = 0;
             let mut client = None;
             let mut js = None;
             while !flag.load(Ordering::Relaxed) {
@@ -207,7 +210,11 @@ impl Sampler {
                 let Some(context) = &js else { continue };
                 match context.get_stream(&stream).await {
                     Ok(mut s) => match s.info().await {
-                        Ok(info) => samples.push((confirmed, info.state.messages)),
+                        Ok(info) if info.state.messages >= most => {
+                            most = info.state.messages;
+                            samples.push((confirmed, most));
+                        }
+                        Ok(_) => {}
                         Err(_) => js = None,
                     },
                     Err(_) => js = None,
@@ -292,6 +299,21 @@ pub fn verdict(
         .iter()
         .filter(|&&(confirmed, stored)| rows_committed_through(oracle, confirmed) as u64 > stored)
         .count();
+    if lost > 0 {
+        let missing: Vec<usize> = oracle
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| !seen.contains(r.id.as_str()))
+            .map(|(i, _)| i)
+            .collect();
+        println!(
+            "{scenario}: {lost} lost at commit positions {}..={} (first {:?}); stream holds {}",
+            missing[0],
+            missing[missing.len() - 1],
+            &missing[..missing.len().min(5)],
+            stream.len()
+        );
+    }
     let worst = recovery.iter().max().copied().unwrap_or_default();
     println!(
         "FAULTS {scenario}: events={} faults={faults} recovery_max={:.2}s lost={lost} duplicated={duplicated} reordered={reordered} slot_ahead_of_stream={ahead_of_stream}/{} samples",

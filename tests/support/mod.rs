@@ -142,6 +142,15 @@ impl TestEnv {
         client
     }
 
+    /// A SQL connection, or None while the server is unreachable (fault tests).
+    pub async fn sql_opt(&self) -> Option<tokio_postgres::Client> {
+        let (client, conn) = tokio_postgres::connect(&self.database_url, NoTls)
+            .await
+            .ok()?;
+        tokio::spawn(conn);
+        Some(client)
+    }
+
     pub async fn jetstream(&self) -> jetstream::Context {
         let client = async_nats::connect(server_addrs(&self.nats_url))
             .await
