@@ -470,35 +470,10 @@ fn clap_message(err: &clap::Error) -> String {
 /// Flags whose values are secret in part.
 fn redact(id: &str, value: &str) -> String {
     match id {
-        "database_url" => redact_database_url(value),
+        "database_url" => crate::source::connection::redact_url(value),
         "nats_url" => crate::sink::redact_nats_url(value),
         _ => value.to_owned(),
     }
-}
-
-/// A PostgreSQL URL with its password (in the authority or `password=`) replaced by `***`.
-pub fn redact_database_url(text: &str) -> String {
-    let Ok(mut url) = url::Url::parse(text) else {
-        return "***".into();
-    };
-    if url.password().is_some() {
-        let _ = url.set_password(Some("***"));
-    }
-    let pairs: Vec<(String, String)> = url
-        .query_pairs()
-        .map(|(k, v)| {
-            let v = if k == "password" {
-                "***".into()
-            } else {
-                v.into_owned()
-            };
-            (k.into_owned(), v)
-        })
-        .collect();
-    if pairs.iter().any(|(k, _)| k == "password") {
-        url.query_pairs_mut().clear().extend_pairs(pairs);
-    }
-    url.to_string()
 }
 
 /// The effective `run` configuration as TOML, one key per flag, each with its source.

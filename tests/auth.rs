@@ -25,8 +25,7 @@ async fn scram_env() -> (TestEnv, String) {
 
 fn args_with_url(env: &TestEnv, url: &str) -> Vec<String> {
     let mut args = env.publisher_args();
-    let i = args.iter().position(|a| a == "--database-url").unwrap();
-    args[i + 1] = url.to_owned();
+    set_arg(&mut args, "--database-url", url);
     args
 }
 
@@ -67,20 +66,6 @@ async fn a_wrong_password_is_a_clear_permanent_error() {
         "{log}"
     );
     assert!(!log.contains("wrong-password"), "{log}");
-}
-
-/// A CA and a server certificate for 127.0.0.1/localhost signed by it: (ca.pem, cert.pem, key.pem).
-fn certificates() -> (String, String, String) {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
-    let ca_key = KeyPair::generate().expect("CA key");
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = ca_params.self_signed(&ca_key).expect("CA");
-    let key = KeyPair::generate().expect("server key");
-    let params = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
-        .expect("server params");
-    let cert = params.signed_by(&key, &ca, &ca_key).expect("server cert");
-    (ca.pem(), cert.pem(), key.serialize_pem())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

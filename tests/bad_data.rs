@@ -167,11 +167,7 @@ async fn every_kind_of_bad_row_ends_where_the_policy_says() {
     let dead = format!("{p}.dead");
     let template = format!("{p}.{{mood}}.{{kind}}");
     let mut args = env.publisher_args();
-    let at = args
-        .iter()
-        .position(|a| a == "--subject-template")
-        .expect("harness sets a template");
-    args[at + 1] = template;
+    set_arg(&mut args, "--subject-template", &template);
     args.extend(
         [
             "--payload-column",

@@ -124,8 +124,7 @@ async fn unreachable_nats_is_retried_with_backoff() {
     let port = outbox_cdc::embedded::free_port().unwrap();
     let url = format!("nats://127.0.0.1:{port}");
     let mut args = env.publisher_args();
-    let i = args.iter().position(|a| a == "--nats-url").unwrap();
-    args[i + 1] = url;
+    set_arg(&mut args, "--nats-url", &url);
     let mut publisher = Publisher::start(&args);
     publisher
         .wait_for_log(

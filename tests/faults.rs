@@ -133,6 +133,11 @@ async fn nats_killed_and_restarted_on_the_same_store_mid_stream() {
     nats.restart().expect("restart NATS on the same store");
     let restarted = Instant::now();
     let recovery = resumed_after(&env, restarted, &publisher).await;
+    assert!(
+        publisher.log().contains("retrying with backoff"),
+        "the session must have ended and been retried: {}",
+        publisher.log()
+    );
     live.finish(false).await;
     let (stream, committed) = settle(&env, &oracle, &mut publisher).await;
     let samples = sampler.finish().await;
@@ -220,6 +225,11 @@ async fn postgres_restart(mode: &str) {
     pg.start_again().expect("start PostgreSQL");
     let restarted = Instant::now();
     let recovery = resumed_after(&env, restarted, &publisher).await;
+    assert!(
+        publisher.log().contains("retrying with backoff"),
+        "the session must have ended and been retried: {}",
+        publisher.log()
+    );
     live.finish(false).await;
     let (stream, committed) = settle(&env, &oracle, &mut publisher).await;
     let samples = sampler.finish().await;
@@ -357,12 +367,10 @@ async fn network_to_postgres_cut_and_restored() {
     env.create_stream().await;
     let oracle = env.oracle().await;
     let mut args = env.publisher_args();
-    let at = args
-        .iter()
-        .position(|a| a == "--database-url")
-        .expect("harness sets --database-url");
-    args[at + 1] =
-        args[at + 1].replace(&format!(":{}/", pg.port()), &format!(":{}/", proxy.port()));
+    let through_proxy = env
+        .database_url
+        .replace(&format!(":{}/", pg.port()), &format!(":{}/", proxy.port()));
+    set_arg(&mut args, "--database-url", &through_proxy);
     let mut publisher = Publisher::start(&args);
     publisher
         .wait_for_log("this instance is the leader", Duration::from_secs(30))

@@ -124,11 +124,7 @@ async fn a_taken_http_port_is_a_clear_start_error() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = taken.local_addr().expect("addr").to_string();
     let mut args = env.publisher_args();
-    let at = args
-        .iter()
-        .position(|a| a == "--http-addr")
-        .expect("harness sets --http-addr");
-    args[at + 1] = addr.clone();
+    set_arg(&mut args, "--http-addr", &addr);
     let mut publisher = Publisher::start(&args);
     let status = publisher.wait_exit(Duration::from_secs(30)).await;
     assert_eq!(status.code(), Some(1));

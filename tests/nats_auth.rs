@@ -20,11 +20,7 @@ async fn start_nats(config: String) -> EmbeddedNats {
 /// the test's stream itself.
 fn args_for(env: &TestEnv, nats_url: &str, extra: &[&str]) -> Vec<String> {
     let mut args = env.publisher_args();
-    let at = args
-        .iter()
-        .position(|a| a == "--nats-url")
-        .expect("harness sets --nats-url");
-    args[at + 1] = nats_url.to_owned();
+    set_arg(&mut args, "--nats-url", nats_url);
     args.extend(["--stream".to_owned(), env.stream.clone()]);
     args.extend(extra.iter().map(|s| s.to_string()));
     args
@@ -123,20 +119,6 @@ async fn user_password_in_the_url_and_an_nkey_seed_file_authenticate() {
 
     let stream = read_stream(&js, &env.stream).await;
     assert_eq!(stream.len(), 20);
-}
-
-/// A CA and a server certificate for 127.0.0.1/localhost signed by it: (ca.pem, cert.pem, key.pem).
-fn certificates() -> (String, String, String) {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
-    let ca_key = KeyPair::generate().expect("CA key");
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = ca_params.self_signed(&ca_key).expect("CA");
-    let key = KeyPair::generate().expect("server key");
-    let params = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
-        .expect("server params");
-    let cert = params.signed_by(&key, &ca, &ca_key).expect("server cert");
-    (ca.pem(), cert.pem(), key.serialize_pem())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -231,6 +231,29 @@ impl TestEnv {
     }
 }
 
+/// Replaces the value of `flag` in publisher arguments (the harness sets every flag it uses).
+pub fn set_arg(args: &mut [String], flag: &str, value: &str) {
+    let at = args
+        .iter()
+        .position(|a| a == flag)
+        .unwrap_or_else(|| panic!("the harness does not set {flag}"));
+    args[at + 1] = value.to_owned();
+}
+
+/// A CA and a server certificate for 127.0.0.1/localhost signed by it: (ca.pem, cert.pem, key.pem).
+pub fn certificates() -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    let ca_key = KeyPair::generate().expect("CA key");
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).expect("CA");
+    let key = KeyPair::generate().expect("server key");
+    let params = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+        .expect("server params");
+    let cert = params.signed_by(&key, &ca, &ca_key).expect("server cert");
+    (ca.pem(), cert.pem(), key.serialize_pem())
+}
+
 /// A comma-separated URL list as server addresses.
 pub fn server_addrs(urls: &str) -> Vec<async_nats::ServerAddr> {
     urls.split(',')
