@@ -30,7 +30,7 @@ async fn kill_9_mid_backlog_then_restart_loses_and_duplicates_nothing() {
     let js = env.jetstream().await;
     let mut publisher = env.publisher(&[]);
     // Sample the invariant while streaming: read the slot's position first, then the stream;
-    // the stream only grows, so this order can only make the check stricter.
+    // the stream only grows, so a violation seen this way is a real one.
     let mut samples = 0;
     loop {
         let confirmed = env.confirmed_flush_lsn("outbox_cdc").await.unwrap_or(0);
