@@ -684,12 +684,22 @@ impl ReplicationStream {
         let metrics = self.client.metrics();
         let sent = tokio::time::timeout(timeout, async {
             while Lsn::from(metrics.last_applied_lsn()) < lsn || metrics.feedback_sent() == 0 {
+                // A worker that has ended (the server closed the connection) sends nothing
+                // more: waiting out the timeout would only delay the exit.
+                if !self.client.is_running() {
+                    return false;
+                }
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
+            true
         })
         .await;
-        if sent.is_err() {
-            tracing::warn!(%lsn, "the final status update was not confirmed sent before the timeout");
+        match sent {
+            Ok(true) => {}
+            Ok(false) => tracing::warn!(%lsn,
+                "the replication connection was already closed: the final status update was not sent (the next start resumes from the slot)"),
+            Err(_) => tracing::warn!(%lsn,
+                "the final status update was not confirmed sent before the timeout"),
         }
         let _ = tokio::time::timeout(Duration::from_secs(5), self.client.shutdown()).await;
     }
