@@ -134,14 +134,6 @@ const CASES: &[Case] = &[
     },
 ];
 
-fn header<'a>(message: &'a Received, name: &str) -> Option<&'a str> {
-    message
-        .headers
-        .iter()
-        .find(|(k, _)| k == name)
-        .map(|(_, v)| v.as_str())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_kind_of_bad_row_ends_where_the_policy_says() {
     let env = TestEnv::start_bare(Default::default()).await;

@@ -9,14 +9,6 @@ use std::time::Duration;
 use async_nats::jetstream::stream;
 use support::*;
 
-fn header<'a>(message: &'a Received, name: &str) -> Option<&'a str> {
-    message
-        .headers
-        .iter()
-        .find(|(k, _)| k == name)
-        .map(|(_, v)| v.as_str())
-}
-
 /// A stream capturing `<prefix>.order.>` and the dead-letter subject only, so `invoice`
 /// events have no stream.
 async fn narrow_stream(env: &TestEnv) -> String {

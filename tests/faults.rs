@@ -43,6 +43,62 @@ async fn settle(
     (read_stream(&js, &env.stream).await, committed)
 }
 
+/// A scenario's writers and invariant sampler: an optional backlog written first, then live
+/// writers during the fault; `end` checks the result.
+struct Traffic {
+    live: Option<Workload>,
+    sampler: Sampler,
+}
+
+impl Traffic {
+    async fn start(
+        env: &TestEnv,
+        writers: usize,
+        backlog: u64,
+        live: u64,
+        max_txn: u64,
+        pause: Duration,
+    ) -> Traffic {
+        if backlog > 0 {
+            Workload::start(env, "backlog", writers, backlog, 50, Duration::ZERO)
+                .finish(false)
+                .await;
+        }
+        let live = (live > 0).then(|| Workload::start(env, "live", writers, live, max_txn, pause));
+        Traffic {
+            live,
+            sampler: Sampler::start(env, SLOT),
+        }
+    }
+
+    /// Returns once the stream holds `count` events: the fault lands mid-stream.
+    async fn until_stored(&self, env: &TestEnv, count: u64) {
+        let js = env.jetstream().await;
+        time_until_stored(&js, &env.stream, count, Duration::from_secs(60))
+            .await
+            .expect("streaming");
+    }
+
+    /// Lets the writers finish, waits for the stream to hold every committed event, stops
+    /// `publisher`, and gives the verdict.
+    async fn end(
+        self,
+        env: &TestEnv,
+        oracle: &Oracle,
+        publisher: &mut Publisher,
+        scenario: &str,
+        faults: usize,
+        recovery: &[Duration],
+    ) -> Verdict {
+        if let Some(live) = self.live {
+            live.finish(false).await;
+        }
+        let (stream, committed) = settle(env, oracle, publisher).await;
+        let samples = self.sampler.finish().await;
+        verdict(scenario, faults, recovery, &stream, &committed, &samples)
+    }
+}
+
 async fn leader(env: &TestEnv, extra: &[&str]) -> Publisher {
     let publisher = env.publisher(extra);
     publisher
@@ -84,11 +140,8 @@ async fn publisher_kill_9_five_times_during_the_run() {
     let mut publisher = leader(&env, &[]).await;
     let mut chaos = Chaos::new();
 
-    Workload::start(&env, "backlog", 4, total / 2, 50, Duration::ZERO)
-        .finish(false)
-        .await;
-    let live = Workload::start(&env, "live", 4, total / 2, 50, Duration::from_millis(10));
-    let sampler = Sampler::start(&env, SLOT);
+    let traffic =
+        Traffic::start(&env, 4, total / 2, total / 2, 50, Duration::from_millis(10)).await;
     let mut recovery = Vec::new();
     for _ in 0..5 {
         tokio::time::sleep(chaos.between(Duration::from_millis(200), Duration::from_millis(1500)))
@@ -101,10 +154,9 @@ async fn publisher_kill_9_five_times_during_the_run() {
         // Keep the writers ahead, so that resuming is visible as growth.
         recovery.push(resumed_after(&env, killed, &publisher).await);
     }
-    live.finish(false).await;
-    let (stream, committed) = settle(&env, &oracle, &mut publisher).await;
-    let samples = sampler.finish().await;
-    verdict("kill -9 x5", 5, &recovery, &stream, &committed, &samples);
+    traffic
+        .end(&env, &oracle, &mut publisher, "kill -9 x5", 5, &recovery)
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -118,15 +170,8 @@ async fn nats_killed_and_restarted_on_the_same_store_mid_stream() {
     env.create_stream().await;
     let oracle = env.oracle().await;
     let mut publisher = leader(&env, &["--ack-timeout", "2s"]).await;
-    Workload::start(&env, "backlog", 2, total / 2, 50, Duration::ZERO)
-        .finish(false)
-        .await;
-    let live = Workload::start(&env, "live", 2, total / 2, 20, Duration::from_millis(5));
-    let sampler = Sampler::start(&env, SLOT);
-    let js = env.jetstream().await;
-    time_until_stored(&js, &env.stream, total / 4, Duration::from_secs(60))
-        .await
-        .expect("streaming");
+    let traffic = Traffic::start(&env, 2, total / 2, total / 2, 20, Duration::from_millis(5)).await;
+    traffic.until_stored(&env, total / 4).await;
     let nats = env.embedded_nats().expect("embedded");
     nats.kill();
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -138,17 +183,16 @@ async fn nats_killed_and_restarted_on_the_same_store_mid_stream() {
         "the session must have ended and been retried: {}",
         publisher.log()
     );
-    live.finish(false).await;
-    let (stream, committed) = settle(&env, &oracle, &mut publisher).await;
-    let samples = sampler.finish().await;
-    verdict(
-        "NATS SIGKILL + restart",
-        1,
-        &[recovery],
-        &stream,
-        &committed,
-        &samples,
-    );
+    traffic
+        .end(
+            &env,
+            &oracle,
+            &mut publisher,
+            "NATS SIGKILL + restart",
+            1,
+            &[recovery],
+        )
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -171,8 +215,7 @@ async fn nats_down_at_startup_for_30s() {
     publisher
         .wait_for_log("created replication slot", Duration::from_secs(30))
         .await;
-    let live = Workload::start(&env, "live", 2, total, 20, Duration::from_millis(5));
-    let sampler = Sampler::start(&env, SLOT);
+    let traffic = Traffic::start(&env, 2, 0, total, 20, Duration::from_millis(5)).await;
     tokio::time::sleep(Duration::from_secs(down)).await;
     assert!(
         publisher.is_running(),
@@ -189,17 +232,16 @@ async fn nats_down_at_startup_for_30s() {
         .await
         .expect("publishing started");
     let recovery = started.elapsed();
-    live.finish(false).await;
-    let (stream, committed) = settle(&env, &oracle, &mut publisher).await;
-    let samples = sampler.finish().await;
-    verdict(
-        &format!("NATS down at startup {down}s"),
-        1,
-        &[recovery],
-        &stream,
-        &committed,
-        &samples,
-    );
+    traffic
+        .end(
+            &env,
+            &oracle,
+            &mut publisher,
+            &format!("NATS down at startup {down}s"),
+            1,
+            &[recovery],
+        )
+        .await;
 }
 
 async fn postgres_restart(mode: &str) {
@@ -212,15 +254,8 @@ async fn postgres_restart(mode: &str) {
     env.create_stream().await;
     let oracle = env.oracle().await;
     let mut publisher = leader(&env, &[]).await;
-    Workload::start(&env, "backlog", 2, total / 2, 50, Duration::ZERO)
-        .finish(false)
-        .await;
-    let live = Workload::start(&env, "live", 2, total / 2, 20, Duration::from_millis(5));
-    let sampler = Sampler::start(&env, SLOT);
-    let js = env.jetstream().await;
-    time_until_stored(&js, &env.stream, total / 4, Duration::from_secs(60))
-        .await
-        .expect("streaming");
+    let traffic = Traffic::start(&env, 2, total / 2, total / 2, 20, Duration::from_millis(5)).await;
+    traffic.until_stored(&env, total / 4).await;
     pg.stop(mode).expect("stop PostgreSQL");
     pg.start_again().expect("start PostgreSQL");
     let restarted = Instant::now();
@@ -230,17 +265,16 @@ async fn postgres_restart(mode: &str) {
         "the session must have ended and been retried: {}",
         publisher.log()
     );
-    live.finish(false).await;
-    let (stream, committed) = settle(&env, &oracle, &mut publisher).await;
-    let samples = sampler.finish().await;
-    verdict(
-        &format!("PostgreSQL restart -m {mode}"),
-        1,
-        &[recovery],
-        &stream,
-        &committed,
-        &samples,
-    );
+    traffic
+        .end(
+            &env,
+            &oracle,
+            &mut publisher,
+            &format!("PostgreSQL restart -m {mode}"),
+            1,
+            &[recovery],
+        )
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -264,12 +298,8 @@ async fn leader_killed_the_standby_takes_over() {
     standby
         .wait_for_log("this instance is standby", Duration::from_secs(30))
         .await;
-    let live = Workload::start(&env, "live", 2, total, 20, Duration::from_millis(5));
-    let sampler = Sampler::start(&env, SLOT);
-    let js = env.jetstream().await;
-    time_until_stored(&js, &env.stream, total / 4, Duration::from_secs(60))
-        .await
-        .expect("streaming");
+    let traffic = Traffic::start(&env, 2, 0, total, 20, Duration::from_millis(5)).await;
+    traffic.until_stored(&env, total / 4).await;
     first.kill9();
     let killed = Instant::now();
     standby
@@ -277,22 +307,21 @@ async fn leader_killed_the_standby_takes_over() {
         .await;
     let takeover = killed.elapsed();
     let resumed = resumed_after(&env, killed, &standby).await;
-    live.finish(false).await;
-    let (stream, committed) = settle(&env, &oracle, &mut standby).await;
-    let samples = sampler.finish().await;
     println!(
         "FAULTS leader kill -9: takeover {:.2}s, publishing resumed {:.2}s after the kill",
         takeover.as_secs_f64(),
         resumed.as_secs_f64()
     );
-    verdict(
-        "leader kill -9, standby takes over",
-        1,
-        &[resumed],
-        &stream,
-        &committed,
-        &samples,
-    );
+    traffic
+        .end(
+            &env,
+            &oracle,
+            &mut standby,
+            "leader kill -9, standby takes over",
+            1,
+            &[resumed],
+        )
+        .await;
 }
 
 fn signal(publisher: &Publisher, signal: libc::c_int) {
@@ -322,12 +351,8 @@ async fn frozen_leader_is_replaced_and_what_it_sends_on_waking_changes_nothing()
     standby
         .wait_for_log("this instance is standby", Duration::from_secs(30))
         .await;
-    let live = Workload::start(&env, "live", 2, total, 20, Duration::from_millis(2));
-    let sampler = Sampler::start(&env, SLOT);
-    let js = env.jetstream().await;
-    time_until_stored(&js, &env.stream, total / 4, Duration::from_secs(60))
-        .await
-        .expect("streaming");
+    let traffic = Traffic::start(&env, 2, 0, total, 20, Duration::from_millis(2)).await;
+    traffic.until_stored(&env, total / 4).await;
     signal(&frozen, libc::SIGSTOP);
     let stopped = Instant::now();
     standby
@@ -336,23 +361,22 @@ async fn frozen_leader_is_replaced_and_what_it_sends_on_waking_changes_nothing()
     let takeover = stopped.elapsed();
     // Wake the old leader at once, while the new one re-sends what it had in flight.
     signal(&frozen, libc::SIGCONT);
-    live.finish(false).await;
-    let (stream, committed) = settle(&env, &oracle, &mut standby).await;
-    let samples = sampler.finish().await;
     let status = frozen.terminate(Duration::from_secs(30)).await;
     eprintln!("old leader's log:\n{}", frozen.log());
     println!(
         "FAULTS frozen leader: takeover {:.2}s after SIGSTOP (wal_sender_timeout 3s); old leader exited {status:?}",
         takeover.as_secs_f64()
     );
-    verdict(
-        "leader SIGSTOP/SIGCONT",
-        1,
-        &[takeover],
-        &stream,
-        &committed,
-        &samples,
-    );
+    traffic
+        .end(
+            &env,
+            &oracle,
+            &mut standby,
+            "leader SIGSTOP/SIGCONT",
+            1,
+            &[takeover],
+        )
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -375,31 +399,23 @@ async fn network_to_postgres_cut_and_restored() {
     publisher
         .wait_for_log("this instance is the leader", Duration::from_secs(30))
         .await;
-    Workload::start(&env, "backlog", 2, total / 2, 50, Duration::ZERO)
-        .finish(false)
-        .await;
-    let live = Workload::start(&env, "live", 2, total / 2, 20, Duration::from_millis(5));
-    let sampler = Sampler::start(&env, SLOT);
-    let js = env.jetstream().await;
-    time_until_stored(&js, &env.stream, total / 4, Duration::from_secs(60))
-        .await
-        .expect("streaming");
+    let traffic = Traffic::start(&env, 2, total / 2, total / 2, 20, Duration::from_millis(5)).await;
+    traffic.until_stored(&env, total / 4).await;
     proxy.cut();
     tokio::time::sleep(Duration::from_secs(3)).await;
     proxy.restore();
     let restored = Instant::now();
     let recovery = resumed_after(&env, restored, &publisher).await;
-    live.finish(false).await;
-    let (stream, committed) = settle(&env, &oracle, &mut publisher).await;
-    let samples = sampler.finish().await;
-    verdict(
-        "network to PostgreSQL cut 3s",
-        1,
-        &[recovery],
-        &stream,
-        &committed,
-        &samples,
-    );
+    traffic
+        .end(
+            &env,
+            &oracle,
+            &mut publisher,
+            "network to PostgreSQL cut 3s",
+            1,
+            &[recovery],
+        )
+        .await;
 }
 
 /// `OUTBOX_CDC_FAULT_LARGE_ROWS` (default 200,000; the README's figure is for 1,000,000).
@@ -413,7 +429,8 @@ async fn huge_transaction_with_the_publisher_killed_halfway() {
     env.create_stream().await;
     let oracle = env.oracle().await;
     let mut publisher = leader(&env, &[]).await;
-    let sampler = Sampler::start(&env, SLOT);
+    // No writers: the one transaction is the workload; the sampler still watches.
+    let traffic = Traffic::start(&env, 0, 0, 0, 1, Duration::ZERO).await;
     write_events(&env.sql().await, "huge", rows as usize, rows as usize).await;
     let js = env.jetstream().await;
     time_until_stored(&js, &env.stream, rows / 2, Duration::from_secs(600))
@@ -432,8 +449,7 @@ async fn huge_transaction_with_the_publisher_killed_halfway() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     peak_after = peak_after.max(publisher.peak_rss_kib().unwrap_or(0));
-    let (stream, committed) = settle(&env, &oracle, &mut publisher).await;
-    let samples = sampler.finish().await;
+    let committed = oracle.rows(&env).await;
     assert!(
         (confirmed as usize) < committed.last().map_or(0, |r| r.commit_end as usize),
         "the slot must not confirm a transaction that is half published"
@@ -443,14 +459,16 @@ async fn huge_transaction_with_the_publisher_killed_halfway() {
         peak_before as f64 / 1024.0,
         peak_after as f64 / 1024.0
     );
-    verdict(
-        &format!("{rows}-row transaction, kill -9 halfway"),
-        1,
-        &[recovery],
-        &stream,
-        &committed,
-        &samples,
-    );
+    traffic
+        .end(
+            &env,
+            &oracle,
+            &mut publisher,
+            &format!("{rows}-row transaction, kill -9 halfway"),
+            1,
+            &[recovery],
+        )
+        .await;
 }
 
 /// Three `nats-server`s in a cluster on loopback.
@@ -553,15 +571,8 @@ async fn nats_cluster_node_killed_then_the_publishers_own_node() {
     }
     let oracle = env.oracle().await;
     let mut publisher = leader(&env, &["--ack-timeout", "3s"]).await;
-    Workload::start(&env, "backlog", 2, total / 2, 50, Duration::ZERO)
-        .finish(false)
-        .await;
-    let live = Workload::start(&env, "live", 2, total / 2, 20, Duration::from_millis(5));
-    let sampler = Sampler::start(&env, SLOT);
-    let js = env.jetstream().await;
-    time_until_stored(&js, &env.stream, total / 4, Duration::from_secs(60))
-        .await
-        .expect("streaming");
+    let traffic = Traffic::start(&env, 2, total / 2, total / 2, 20, Duration::from_millis(5)).await;
+    traffic.until_stored(&env, total / 4).await;
 
     let mut recovery = Vec::new();
     // A node the publisher is not connected to, then (after it is back) its own.
@@ -585,15 +596,47 @@ async fn nats_cluster_node_killed_then_the_publishers_own_node() {
     recovery.push(resumed_after(&env, killed, &publisher).await);
     nodes[own].restart().expect("restart node");
 
-    live.finish(false).await;
-    let (stream, committed) = settle(&env, &oracle, &mut publisher).await;
-    let samples = sampler.finish().await;
-    verdict(
-        "NATS 3-node cluster, R3 stream: a node, then the publisher's node, killed",
-        2,
-        &recovery,
-        &stream,
-        &committed,
-        &samples,
-    );
+    traffic
+        .end(
+            &env,
+            &oracle,
+            &mut publisher,
+            "NATS 3-node cluster, R3 stream: a node, then the publisher's node, killed",
+            2,
+            &recovery,
+        )
+        .await;
+}
+
+/// A SIGTERM that arrives while PostgreSQL has already closed the replication connection: the
+/// final status update cannot be sent, and the process must exit at once instead of waiting
+/// out `--shutdown-timeout` for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_with_the_replication_connection_already_closed_exits_promptly() {
+    let env = TestEnv::start().await;
+    env.create_stream().await;
+    let mut publisher = leader(&env, &["--shutdown-timeout", "120s"]).await;
+    write_events(&env.sql().await, "w", 100, 10).await;
+    let js = env.jetstream().await;
+    wait_for_messages(&js, &env.stream, 100, Duration::from_secs(30), || {
+        publisher.log()
+    })
+    .await;
+    signal(&publisher, libc::SIGSTOP);
+    let terminated: bool = env
+        .sql()
+        .await
+        .query_one(
+            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = $1",
+            &[&SLOT],
+        )
+        .await
+        .expect("terminate the walsender")
+        .get(0);
+    assert!(terminated);
+    signal(&publisher, libc::SIGTERM);
+    signal(&publisher, libc::SIGCONT);
+    // Far below the 120 s shutdown timeout: the exit must not wait for a dead connection.
+    let status = publisher.wait_exit(Duration::from_secs(30)).await;
+    assert!(status.success(), "{}", publisher.log());
 }

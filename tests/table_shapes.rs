@@ -9,14 +9,6 @@ use std::time::Duration;
 use async_nats::jetstream::stream;
 use support::*;
 
-fn header<'a>(message: &'a Received, name: &str) -> Option<&'a str> {
-    message
-        .headers
-        .iter()
-        .find(|(k, _)| k == name)
-        .map(|(_, v)| v.as_str())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn topic_column_metadata_headers_bytea_payload_bigserial_id_and_a_subject_map() {
     let env = TestEnv::start().await;

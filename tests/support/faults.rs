@@ -53,14 +53,7 @@ impl Workload {
                         seed = xorshift(seed);
                         let rows = 1 + seed % max_txn;
                         let result = c
-                            .execute(
-                                "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload, headers)
-                                 SELECT 'order', $1 || '-' || g, 'created',
-                                        jsonb_build_object('writer', $1::text, 'n', g),
-                                        jsonb_build_object('writer', $1::text)
-                                   FROM generate_series(1, $2::int) g",
-                                &[&writer, &(rows as i32)],
-                            )
+                            .execute(super::INSERT_EVENTS, &[&writer, &(rows as i32)])
                             .await;
                         match result {
                             Ok(_) => {

@@ -261,6 +261,14 @@ pub fn server_addrs(urls: &str) -> Vec<async_nats::ServerAddr> {
         .collect()
 }
 
+/// One transaction's worth of sample events: $1 names the writer, $2 is the row count.
+pub const INSERT_EVENTS: &str =
+    "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload, headers)
+     SELECT 'order', $1 || '-' || g, 'created',
+            jsonb_build_object('writer', $1::text, 'n', g),
+            jsonb_build_object('writer', $1::text)
+       FROM generate_series(1, $2::int) g";
+
 /// Inserts `count` events in transactions of `per_txn` rows, as one writer.
 pub async fn write_events(
     client: &tokio_postgres::Client,
@@ -272,14 +280,7 @@ pub async fn write_events(
     while written < count {
         let n = per_txn.min(count - written) as i32;
         client
-            .execute(
-                "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload, headers)
-                 SELECT 'order', $1 || '-' || g, 'created',
-                        jsonb_build_object('writer', $1::text, 'n', g),
-                        jsonb_build_object('writer', $1::text)
-                   FROM generate_series(1, $2::int) g",
-                &[&writer, &n],
-            )
+            .execute(INSERT_EVENTS, &[&writer, &n])
             .await
             .expect("insert events");
         written += n as usize;
@@ -507,6 +508,15 @@ pub struct Received {
     pub id: String,
     pub headers: Vec<(String, String)>,
     pub payload: bytes::Bytes,
+}
+
+/// The first value of header `name` of a stored message.
+pub fn header<'a>(message: &'a Received, name: &str) -> Option<&'a str> {
+    message
+        .headers
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
 }
 
 /// Reads every message of the stream in stream order.
