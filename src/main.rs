@@ -8,6 +8,11 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 use tracing_subscriber::EnvFilter;
 
+// The hot path allocates a few small buffers per event (message headers, the NATS client's
+// request bookkeeping); mimalloc serves them faster than glibc's malloc (see README, Performance).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = match parse_cli(std::env::args_os()) {
         Ok(Invocation::Command(cli)) => cli,
@@ -24,7 +29,10 @@ fn main() -> ExitCode {
     };
     init_logging(cli.log_format);
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    // One thread: the pipeline, the replication reader and the NATS connection hand each row to
+    // one another, and on one thread that costs no cross-thread wake-ups (1.6× the catch-up rate
+    // of the multi-threaded runtime on 2 cores, at less than half the CPU; see README).
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {

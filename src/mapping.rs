@@ -349,10 +349,20 @@ impl TableMapping {
             }
         }
         // The tool's own headers win over user headers of the same name.
-        headers.insert(HEADER_MSG_ID, event_id.clone());
-        headers.insert(HEADER_COMMIT_LSN, txn.commit_lsn_header.clone());
-        headers.insert(HEADER_TABLE, self.table_header.clone());
-        headers.insert(HEADER_COMMIT_TIME, txn.commit_time_header.clone());
+        // Names from `from_static`: inserting them allocates no copy of the name.
+        headers.insert(HeaderName::from_static(HEADER_MSG_ID), event_id.clone());
+        headers.insert(
+            HeaderName::from_static(HEADER_COMMIT_LSN),
+            txn.commit_lsn_header.clone(),
+        );
+        headers.insert(
+            HeaderName::from_static(HEADER_TABLE),
+            self.table_header.clone(),
+        );
+        headers.insert(
+            HeaderName::from_static(HEADER_COMMIT_TIME),
+            txn.commit_time_header.clone(),
+        );
 
         let payload = match column(tuple, self.payload) {
             Ok(ColumnValue::Text(text)) if self.payload_is_bytea => match decode_bytea_hex(text) {

@@ -506,14 +506,10 @@ impl<'a> Session<'a> {
                 let commit_time = txn.commit_time;
                 let mapped = match mapping.map(&insert.tuple, &frame, txn, row_index) {
                     Ok(event) => {
-                        let label = PublishLabel {
-                            subject: Subject::from(event.subject.as_str()),
-                            event_id: event.id.as_str().to_owned(),
-                            commit_lsn: txn.commit_lsn,
-                            commit_time,
-                            dead_letter: keep_for_dead_letter
-                                .then(|| (mapping.table_shared(), event.payload.clone())),
-                        };
+                        let dead_letter = keep_for_dead_letter
+                            .then(|| (mapping.table_shared(), event.payload.clone()));
+                        let label =
+                            PublishLabel::new(&event, txn.commit_lsn, commit_time, dead_letter);
                         Ok((event, label))
                     }
                     Err(unmappable) => {

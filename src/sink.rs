@@ -436,6 +436,24 @@ pub struct PublishLabel {
     pub dead_letter: Option<(std::sync::Arc<str>, bytes::Bytes)>,
 }
 
+impl PublishLabel {
+    /// The label of `event`, a row of the transaction committed at `commit_lsn`.
+    pub fn new(
+        event: &OutboxEvent,
+        commit_lsn: crate::lsn::Lsn,
+        commit_time: std::time::SystemTime,
+        dead_letter: Option<(std::sync::Arc<str>, bytes::Bytes)>,
+    ) -> Self {
+        PublishLabel {
+            subject: Subject::from(event.subject.as_str()),
+            event_id: event.id.as_str().to_owned(),
+            commit_lsn,
+            commit_time,
+            dead_letter,
+        }
+    }
+}
+
 pub struct JetStreamSink {
     context: jetstream::Context,
     disconnected: watch::Receiver<bool>,

@@ -1,0 +1,173 @@
+//! Micro-benchmarks of the per-event hot path, without servers: decoding a pgoutput Insert,
+//! mapping the row to a message, and the pipeline's bookkeeping (publish label, LSN watermark).
+//!
+//! `cargo bench --bench hot_path` reports time per event (Criterion) and, first, allocations per
+//! event, counted by a global allocator wrapper over a fixed number of iterations.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::hint::black_box;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use outbox_cdc::Lsn;
+use outbox_cdc::mapping::{MappingConfig, TableMapping, TransactionContext};
+use outbox_cdc::pipeline::Watermark;
+use outbox_cdc::sink::PublishLabel;
+use outbox_cdc::source::pgoutput::{self, Message, encode};
+
+/// Counts allocations (not frees): what "allocations per event" means below.
+struct CountingAllocator;
+
+static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+
+// SAFETY: forwards every call to the system allocator unchanged.
+unsafe impl GlobalAlloc for CountingAllocator {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        unsafe { System.alloc_zeroed(layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: CountingAllocator = CountingAllocator;
+
+/// Allocations per call of `f`, averaged over many calls.
+fn allocations_per_call(mut f: impl FnMut()) -> f64 {
+    const CALLS: u64 = 10_000;
+    f();
+    let before = ALLOCATIONS.load(Ordering::Relaxed);
+    for _ in 0..CALLS {
+        f();
+    }
+    (ALLOCATIONS.load(Ordering::Relaxed) - before) as f64 / CALLS as f64
+}
+
+const RELATION_ID: u32 = 16_384;
+
+/// The recommended outbox table's columns (sql/outbox.sql) with their type OIDs.
+fn relation_frame() -> Vec<u8> {
+    encode::relation(
+        RELATION_ID,
+        "public",
+        "outbox",
+        &[
+            ("id", 2950),
+            ("aggregate_type", 25),
+            ("aggregate_id", 25),
+            ("event_type", 25),
+            ("payload", 3802),
+            ("headers", 3802),
+            ("created_at", 1184),
+        ],
+    )
+}
+
+/// A row like the ones the end-to-end benchmark writes.
+fn insert_frame() -> Bytes {
+    Bytes::from(encode::insert(
+        RELATION_ID,
+        &[
+            Some(b"0b9f6a52-3f4c-4c39-9a53-7c1b2f0e8d11"),
+            Some(b"order"),
+            Some(b"bench-12345"),
+            Some(b"created"),
+            Some(br#"{"n": 12345, "writer": "bench", "items": [{"sku": "A-1", "qty": 2}], "total": "19.90"}"#),
+            Some(br#"{"writer": "bench"}"#),
+            Some(b"2026-11-23 10:00:00.123456+00"),
+        ],
+    ))
+}
+
+fn bound_mapping() -> TableMapping {
+    let relation = relation_frame();
+    let Ok(Message::Relation(relation)) = pgoutput::decode(&relation) else {
+        panic!("the relation frame decodes");
+    };
+    TableMapping::bind(&MappingConfig::default(), &relation).expect("the mapping binds")
+}
+
+fn decode(frame: &Bytes) -> usize {
+    match pgoutput::decode(frame) {
+        Ok(Message::Insert(insert)) => insert.tuple.len(),
+        _ => panic!("the insert frame decodes"),
+    }
+}
+
+fn map(mapping: &TableMapping, frame: &Bytes, txn: &TransactionContext) -> PublishLabel {
+    let Ok(Message::Insert(insert)) = pgoutput::decode(frame) else {
+        panic!("the insert frame decodes");
+    };
+    let event = mapping
+        .map(&insert.tuple, frame, txn, 0)
+        .expect("the row maps");
+    PublishLabel::new(&event, txn.commit_lsn, txn.commit_time, None)
+}
+
+/// The watermark's work for one 100-row transaction: begin, 100 publishes, commit, 100 acks.
+fn watermark_transaction(watermark: &mut Watermark, commit: &mut u64) {
+    watermark.begin();
+    for _ in 0..100 {
+        watermark.published();
+    }
+    *commit += 1_000;
+    watermark.commit(Lsn::new(*commit), Lsn::new(*commit + 8));
+    for _ in 0..100 {
+        black_box(watermark.acked());
+    }
+}
+
+fn hot_path(c: &mut Criterion) {
+    let frame = insert_frame();
+    let mapping = bound_mapping();
+    let txn = TransactionContext::new(Lsn::new(0x16_B374_D848), 817_000_000_000_000);
+
+    let mut watermark = Watermark::new(Lsn::new(0));
+    let mut commit = 0;
+    println!("allocations per event:");
+    println!(
+        "  decode insert            {:>6.2}",
+        allocations_per_call(|| {
+            black_box(decode(&frame));
+        })
+    );
+    println!(
+        "  decode + map + label     {:>6.2}",
+        allocations_per_call(|| {
+            black_box(map(&mapping, &frame, &txn));
+        })
+    );
+    println!(
+        "  watermark (per event)    {:>6.2}",
+        allocations_per_call(|| watermark_transaction(&mut watermark, &mut commit)) / 100.0
+    );
+
+    let mut group = c.benchmark_group("per_event");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("decode_insert", |b| b.iter(|| decode(black_box(&frame))));
+    group.bench_function("decode_map_label", |b| {
+        b.iter(|| map(&mapping, black_box(&frame), &txn))
+    });
+    group.finish();
+
+    let mut group = c.benchmark_group("per_transaction_of_100");
+    group.throughput(Throughput::Elements(100));
+    group.bench_function("watermark", |b| {
+        b.iter(|| watermark_transaction(&mut watermark, &mut commit))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, hot_path);
+criterion_main!(benches);
