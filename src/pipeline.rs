@@ -451,13 +451,14 @@ impl<'a> Session<'a> {
             }
             WalEvent::Data(frame) => self.on_message(frame).await?,
             WalEvent::Commit { end_lsn } => {
-                let commit_lsn = self
-                    .transaction
-                    .take()
-                    .map(|t| t.commit_lsn)
-                    .unwrap_or(end_lsn);
+                let transaction = self.transaction.take();
+                let commit_lsn = transaction.as_ref().map_or(end_lsn, |t| t.commit_lsn);
                 self.stats.transactions.inc();
                 if self.watermark.commit(commit_lsn, end_lsn) {
+                    // Every row was acked before the Commit arrived (or there was none).
+                    if let Some(transaction) = transaction {
+                        self.stats.transaction_acked(transaction.commit_time);
+                    }
                     self.confirm();
                 }
             }
