@@ -615,17 +615,7 @@ async fn create_stream(env: &TestEnv) -> jetstream::stream::Stream {
         "file" => jetstream::stream::StorageType::File,
         other => panic!("OUTBOX_CDC_E2E_STORAGE={other:?}: file or memory"),
     };
-    env.jetstream()
-        .await
-        .create_stream(jetstream::stream::Config {
-            name: env.stream.clone(),
-            subjects: vec![format!("{}.>", env.subject_prefix)],
-            duplicate_window: Duration::from_secs(600),
-            storage,
-            ..Default::default()
-        })
-        .await
-        .expect("create stream")
+    env.create_stream_on(storage).await
 }
 
 /// `outbox-cdc run` with the harness's connection flags and otherwise its own defaults (the

@@ -165,12 +165,18 @@ impl TestEnv {
 
     /// Creates the test's stream capturing `<prefix>.>`.
     pub async fn create_stream(&self) -> stream::Stream {
+        self.create_stream_on(stream::StorageType::File).await
+    }
+
+    /// The test's stream on the given storage.
+    pub async fn create_stream_on(&self, storage: stream::StorageType) -> stream::Stream {
         self.jetstream()
             .await
             .create_stream(stream::Config {
                 name: self.stream.clone(),
                 subjects: vec![format!("{}.>", self.subject_prefix)],
                 duplicate_window: Duration::from_secs(600),
+                storage,
                 ..Default::default()
             })
             .await
