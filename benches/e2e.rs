@@ -113,6 +113,12 @@ struct CatchUp {
     ratio_to_raw_nats_publish: f64,
     peak_rss_mib: f64,
     cpu_seconds: f64,
+    /// Where the machine's CPU went while outbox-cdc published the backlog.
+    nats_server_cpu_seconds: f64,
+    walsender_cpu_seconds: f64,
+    machine_busy_percent: f64,
+    /// The same for pg_recvlogical's run (its walsender and itself).
+    pg_recvlogical_machine_busy_percent: f64,
     insert_wal_bytes_per_event: f64,
     wal_bytes_per_event_while_publishing: f64,
     extra_row_writes_per_event: f64,
@@ -129,6 +135,9 @@ struct Live {
     max_ms: f64,
     peak_rss_mib: f64,
     cpu_seconds: f64,
+    /// The share of the machine's CPU in use while the producers ran (they, the servers, the
+    /// subscriber and outbox-cdc share the cores).
+    machine_busy_percent: f64,
     wal_bytes_per_event: f64,
     extra_row_writes_per_event: f64,
 }
@@ -233,6 +242,7 @@ async fn run_catch_up(
     let committed = oracle.rows(env).await;
     assert_eq!(committed.len(), rows, "the oracle sees every written row");
 
+    let machine_before = MachineBusy::start();
     let started = Instant::now();
     let status = Command::new(find_postgres_binary("pg_recvlogical").expect("pg_recvlogical"))
         .args(["-d", &env.database_url, "-S", &recvlogical_slot])
@@ -244,6 +254,7 @@ async fn run_catch_up(
         .expect("run pg_recvlogical");
     assert!(status.success(), "pg_recvlogical failed: {status}");
     let pg_recvlogical = rows as f64 / started.elapsed().as_secs_f64();
+    let pg_recvlogical_machine_busy_percent = machine_before.percent();
 
     let js = env.jetstream().await;
     let _ = js.delete_stream(&env.stream).await;
@@ -254,10 +265,16 @@ async fn run_catch_up(
     let wal_before = wal_lsn(&sql).await;
     let mut args = vec!["--slot", &slot, "--no-create-slot"];
     args.extend(settings.extra_args.iter().map(String::as_str));
+    let nats_cpu_before = env.nats_pid().and_then(support::cpu_seconds);
+    let machine_before = MachineBusy::start();
     let started = Instant::now();
     let mut publisher = start_publisher(env, &args);
     let deadline = Instant::now() + Duration::from_secs(1800);
+    let mut walsender = None;
     while support::stream_message_count(&js, &env.stream).await < rows as u64 {
+        if walsender.is_none() {
+            walsender = slot_pid(&sql, &slot).await;
+        }
         assert!(
             publisher.is_running() && Instant::now() < deadline,
             "outbox-cdc stopped or stalled before publishing the backlog; log:\n{}",
@@ -266,6 +283,16 @@ async fn run_catch_up(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let seconds = started.elapsed().as_secs_f64();
+    let machine_busy_percent = machine_before.percent();
+    // The walsender is the replication connection's own backend: all its CPU time is this run's.
+    let walsender_cpu_seconds = walsender.and_then(support::cpu_seconds).unwrap_or(0.0);
+    let nats_server_cpu_seconds = match (
+        nats_cpu_before,
+        env.nats_pid().and_then(support::cpu_seconds),
+    ) {
+        (Some(before), Some(after)) => after - before,
+        _ => 0.0,
+    };
     let wal_after = wal_lsn(&sql).await;
     let (peak_rss_mib, cpu_seconds) = usage(&publisher);
     publisher.terminate(Duration::from_secs(30)).await;
@@ -299,6 +326,10 @@ async fn run_catch_up(
         ratio_to_raw_nats_publish: outbox_cdc / raw,
         peak_rss_mib,
         cpu_seconds,
+        nats_server_cpu_seconds,
+        walsender_cpu_seconds,
+        machine_busy_percent,
+        pg_recvlogical_machine_busy_percent,
         insert_wal_bytes_per_event,
         wal_bytes_per_event_while_publishing: (wal_after - wal_before) as f64 / rows as f64,
         extra_row_writes_per_event: (writes_after - writes_before) as f64 / rows as f64,
@@ -424,6 +455,7 @@ async fn run_live(env: &TestEnv, settings: &Settings, rate: u32) -> Live {
     let wal_before = wal_lsn(&sql).await;
     let total = rate as usize * settings.live_secs as usize;
     let interval = Duration::from_secs_f64(settings.producers as f64 / rate as f64);
+    let machine_before = MachineBusy::start();
     let started = tokio::time::Instant::now();
     let mut producers = Vec::new();
     for p in 0..settings.producers {
@@ -448,6 +480,7 @@ async fn run_live(env: &TestEnv, settings: &Settings, rate: u32) -> Live {
         commit_times.extend(producer.await.expect("producer"));
     }
     let achieved = total as f64 / started.elapsed().as_secs_f64();
+    let machine_busy_percent = machine_before.percent();
     stop_tx.send_replace(Some(total));
     let received = tokio::time::timeout(Duration::from_secs(120), subscriber)
         .await
@@ -495,6 +528,7 @@ async fn run_live(env: &TestEnv, settings: &Settings, rate: u32) -> Live {
         max_ms: percentile(1.0),
         peak_rss_mib,
         cpu_seconds,
+        machine_busy_percent,
         wal_bytes_per_event: (wal_after - wal_before) as f64 / total as f64,
         extra_row_writes_per_event: (writes_after - writes_before - total as i64) as f64
             / total as f64,
@@ -542,9 +576,20 @@ fn print_report(report: &Report) {
     }
     println!("(rows/s; WAL B/ev = the inserts' own WAL per event; +WAL and +writes = what the");
     println!(" database wrote per event while outbox-cdc published the backlog)");
+    for c in &report.catch_up {
+        println!(
+            "{}: CPU while outbox-cdc ran: machine {:.0} % busy; outbox-cdc {:.1} s, nats-server {:.1} s, walsender {:.1} s (pg_recvlogical's run: machine {:.0} % busy)",
+            c.case,
+            c.machine_busy_percent,
+            c.cpu_seconds,
+            c.nats_server_cpu_seconds,
+            c.walsender_cpu_seconds,
+            c.pg_recvlogical_machine_busy_percent,
+        );
+    }
     println!();
     println!(
-        "{:<16} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7} {:>6} {:>9} {:>8}",
+        "{:<16} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7} {:>6} {:>6} {:>9} {:>8}",
         "live events/s",
         "achieved",
         "p50 ms",
@@ -554,12 +599,13 @@ fn print_report(report: &Report) {
         "events",
         "RSS MiB",
         "CPU s",
+        "busy %",
         "WAL B/ev",
         "+writes"
     );
     for l in &report.live {
         println!(
-            "{:<16} {:>9.0} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8} {:>7.1} {:>6.1} {:>9.0} {:>8.3}",
+            "{:<16} {:>9.0} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8} {:>7.1} {:>6.1} {:>6.0} {:>9.0} {:>8.3}",
             l.target_events_per_s,
             l.achieved_events_per_s,
             l.p50_ms,
@@ -569,11 +615,13 @@ fn print_report(report: &Report) {
             l.events,
             l.peak_rss_mib,
             l.cpu_seconds,
+            l.machine_busy_percent,
             l.wal_bytes_per_event,
             l.extra_row_writes_per_event,
         );
     }
     println!("(latency: producer's clock_timestamp() in the insert → JetStream subscriber;");
+    println!(" busy % = the share of all cores in use while the producers ran;");
     println!(" +writes = row writes per event beyond the event's own insert)");
 }
 
@@ -633,6 +681,36 @@ fn micros_now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_micros() as i64)
+}
+
+/// The share of all cores' time that was busy since `start`.
+struct MachineBusy(Option<(u64, u64)>);
+
+impl MachineBusy {
+    fn start() -> MachineBusy {
+        MachineBusy(support::machine_cpu_ticks())
+    }
+
+    fn percent(&self) -> f64 {
+        match (self.0, support::machine_cpu_ticks()) {
+            (Some((busy0, total0)), Some((busy1, total1))) if total1 > total0 => {
+                100.0 * (busy1 - busy0) as f64 / (total1 - total0) as f64
+            }
+            _ => 0.0,
+        }
+    }
+}
+
+/// The process id of the walsender streaming from `slot`, once one is.
+async fn slot_pid(sql: &tokio_postgres::Client, slot: &str) -> Option<u32> {
+    sql.query_one(
+        "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
+        &[&slot],
+    )
+    .await
+    .ok()?
+    .get::<_, Option<i32>>(0)
+    .map(|pid| pid as u32)
 }
 
 fn usage(publisher: &Publisher) -> (f64, f64) {

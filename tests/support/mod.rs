@@ -130,6 +130,11 @@ impl TestEnv {
         }
     }
 
+    /// The embedded NATS server's process id (None with an external server).
+    pub fn nats_pid(&self) -> Option<u32> {
+        self.nats.as_ref().and_then(EmbeddedNats::pid)
+    }
+
     pub fn embedded_nats(&mut self) -> Option<&mut EmbeddedNats> {
         self.nats.as_mut()
     }
@@ -458,14 +463,7 @@ impl Publisher {
 
     /// User + system CPU time used so far, in seconds, while the process runs.
     pub fn cpu_seconds(&self) -> Option<f64> {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).ok()?;
-        // Fields after the command name (which may hold spaces) end with ')'.
-        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-        let ticks: u64 =
-            fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-        // SAFETY: sysconf has no preconditions.
-        let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-        (per_second > 0).then(|| ticks as f64 / per_second as f64)
+        cpu_seconds(self.pid())
     }
 
     /// Peak resident memory (VmHWM) in KiB, while the process runs.
@@ -477,6 +475,33 @@ impl Publisher {
             .and_then(|l| l.split_whitespace().nth(1))
             .and_then(|v| v.parse().ok())
     }
+}
+
+/// Busy and total CPU time of the whole machine so far, in clock ticks (from /proc/stat).
+pub fn machine_cpu_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let ticks: Vec<u64> = stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .map(|t| t.parse().ok())
+        .collect::<Option<_>>()?;
+    let total: u64 = ticks.iter().sum();
+    // idle and iowait are the 4th and 5th fields.
+    let idle = ticks.get(3)? + ticks.get(4).copied().unwrap_or(0);
+    Some((total - idle, total))
+}
+
+/// User + system CPU time process `pid` has used so far, in seconds (None once it has ended).
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) end with ')'.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (per_second > 0).then(|| ticks as f64 / per_second as f64)
 }
 
 impl Drop for Publisher {
