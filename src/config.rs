@@ -87,6 +87,13 @@ pub struct RunArgs {
     #[arg(long, env = "OUTBOX_CDC_STATUS_INTERVAL", default_value = "1s", value_parser = parse_duration)]
     pub status_interval: Duration,
 
+    /// Give up on a replication connection, and reconnect, when PostgreSQL no longer streams
+    /// to it or does not answer within this long whether it does (checked over the SQL
+    /// connection every third of it). Catches connections lost without notice, such as a
+    /// black-holed network path.
+    #[arg(long, env = "OUTBOX_CDC_REPLICATION_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub replication_timeout: Duration,
+
     /// Column whose text becomes the Nats-Msg-Id header (JetStream de-duplication). Default:
     /// `id` when the table has it, else `<commit LSN>:<row index>`.
     #[arg(long, env = "OUTBOX_CDC_ID_COLUMN")]
@@ -580,6 +587,8 @@ pub enum ConfigError {
         None => String::new(),
     })]
     DeadLetterSubject(Option<(String, String)>),
+    #[error("--replication-timeout must be at least 1s")]
+    ReplicationTimeout,
     #[error("--status-interval must be at least 10ms")]
     StatusInterval,
 }
@@ -623,6 +632,9 @@ impl RunArgs {
         if self.status_interval < Duration::from_millis(10) {
             return Err(ConfigError::StatusInterval);
         }
+        if self.replication_timeout < Duration::from_secs(1) {
+            return Err(ConfigError::ReplicationTimeout);
+        }
         let subject_template = match (self.subject_template, &self.subject_column) {
             (Some(template), _) => Some(template),
             (None, Some(_)) => None,
@@ -663,6 +675,7 @@ impl RunArgs {
                 publication: self.publication,
                 create_slot: !self.no_create_slot,
                 status_interval: self.status_interval,
+                replication_timeout: self.replication_timeout,
             },
             sink: SinkConfig {
                 urls: nats_urls,
@@ -722,6 +735,7 @@ mod tests {
         assert_eq!(config.source.publication.as_str(), "outbox_pub");
         assert!(config.source.create_slot);
         assert_eq!(config.source.status_interval, Duration::from_secs(1));
+        assert_eq!(config.source.replication_timeout, Duration::from_secs(30));
         assert_eq!(config.sink.capture_subjects, ["outbox.>"]);
         assert_eq!(config.sink.duplicate_window, Duration::from_secs(600));
         assert_eq!(config.pipeline.mapping.payload_column, "payload");
@@ -741,6 +755,27 @@ mod tests {
         ] {
             let err = parse(&args).unwrap_err().to_string();
             assert!(err.contains(needle), "{args:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn too_short_intervals_are_refused() {
+        for (flag, value, needle) in [
+            (
+                "--status-interval",
+                "5ms",
+                "--status-interval must be at least",
+            ),
+            (
+                "--replication-timeout",
+                "500ms",
+                "--replication-timeout must be at least",
+            ),
+        ] {
+            let args =
+                run_args(parse(&["--database-url", "postgres://u@h/d", flag, value]).unwrap());
+            let err = args.resolve().unwrap_err().to_string();
+            assert!(err.contains(needle), "{flag} {value}: {err}");
         }
     }
 

@@ -77,6 +77,9 @@ pub async fn run(
                 }
             }
             Err(err) if err.is_transient() => {
+                // Its connection may be what failed, or share a stuck network path with it: the
+                // next session opens a fresh one.
+                supervisor.catalog = None;
                 if started.elapsed() >= HEALTHY_SESSION {
                     delays = backoff();
                 }
@@ -182,7 +185,7 @@ impl Supervisor<'_> {
         self.progress = self.progress.max(slot_lsn);
         self.skip_before = self.skip_before.max(self.progress);
 
-        let stream = ReplicationStream::start(source, self.hold.released()).await?;
+        let stream = ReplicationStream::start(source, self.hold.released(), catalog).await?;
         self.streamed = true;
         if self.role != Role::Leader {
             tracing::info!(slot = %source.slot, from = %slot_lsn,

@@ -418,6 +418,61 @@ async fn network_to_postgres_cut_and_restored() {
         .await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn network_to_postgres_black_holed() {
+    let total = events(100_000) / 5;
+    let env = TestEnv::start_bare(outbox_cdc::embedded::PostgresOptions {
+        // PostgreSQL ends the walsender that no longer hears from us after this.
+        settings: vec![("wal_sender_timeout".into(), "'3s'".into())],
+        ..Default::default()
+    })
+    .await;
+    env.sql()
+        .await
+        .batch_execute(OUTBOX_SQL)
+        .await
+        .expect("outbox");
+    let pg = env.embedded_postgres().expect("an embedded PostgreSQL");
+    let proxy = support::proxy::TcpProxy::start(pg.port()).await;
+    env.create_stream().await;
+    let oracle = env.oracle().await;
+    let mut args = env.publisher_args();
+    let through_proxy = env
+        .database_url
+        .replace(&format!(":{}/", pg.port()), &format!(":{}/", proxy.port()));
+    set_arg(&mut args, "--database-url", &through_proxy);
+    args.extend(["--replication-timeout".to_owned(), "3s".to_owned()]);
+    let mut publisher = Publisher::start(&args);
+    publisher
+        .wait_for_log("this instance is the leader", Duration::from_secs(30))
+        .await;
+    let traffic = Traffic::start(&env, 2, total / 2, total / 2, 20, Duration::from_millis(5)).await;
+    traffic.until_stored(&env, total / 4).await;
+    // Both connections stay open and hear nothing: no FIN, no RST, no error to read.
+    proxy.freeze_open_connections();
+    let frozen = Instant::now();
+    publisher
+        .wait_for_log("reconnecting", Duration::from_secs(60))
+        .await;
+    let detected = frozen.elapsed();
+    let resumed = resumed_after(&env, frozen, &publisher).await;
+    println!(
+        "FAULTS network to PostgreSQL black-holed: detected after {:.2}s (--replication-timeout 3s), publishing resumed {:.2}s after the freeze",
+        detected.as_secs_f64(),
+        resumed.as_secs_f64()
+    );
+    traffic
+        .end(
+            &env,
+            &oracle,
+            &mut publisher,
+            "network to PostgreSQL black-holed",
+            1,
+            &[resumed],
+        )
+        .await;
+}
+
 /// `OUTBOX_CDC_FAULT_LARGE_ROWS` (default 200,000; the README's figure is for 1,000,000).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn huge_transaction_with_the_publisher_killed_halfway() {

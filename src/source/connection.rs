@@ -247,6 +247,12 @@ impl DatabaseUrl {
             .dbname(&self.dbname)
             .application_name(&self.application_name)
             .connect_timeout(std::time::Duration::from_secs(10))
+            // A peer that vanished without FIN or RST: the kernel gives up on the connection
+            // within about half a minute instead of retransmitting for a quarter of an hour.
+            .keepalives_idle(std::time::Duration::from_secs(15))
+            .keepalives_interval(std::time::Duration::from_secs(5))
+            .keepalives_retries(3)
+            .tcp_user_timeout(std::time::Duration::from_secs(30))
             .ssl_mode(match self.sslmode {
                 SslMode::Disable => tokio_postgres::config::SslMode::Disable,
                 SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,

@@ -14,10 +14,12 @@
 //! events are not durable downstream.
 
 pub mod connection;
+mod liveness;
 pub mod pgoutput;
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -26,6 +28,7 @@ use tokio_postgres::error::SqlState;
 
 use crate::lsn::Lsn;
 use connection::{DatabaseUrl, TlsSetupError};
+use liveness::Liveness;
 use pgoutput::{Relation, RelationColumn};
 
 /// A replication slot name: PostgreSQL allows lowercase letters, digits and underscores.
@@ -101,6 +104,9 @@ pub struct SourceConfig {
     pub publication: PublicationName,
     pub create_slot: bool,
     pub status_interval: Duration,
+    /// A replication connection PostgreSQL no longer streams to, or that gets no answer for
+    /// this long, is given up (see [`liveness`]).
+    pub replication_timeout: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -173,6 +179,23 @@ pub enum SourceError {
     },
     #[error("replication stream: {detail}")]
     Replication { detail: String, transient: bool },
+    #[error(
+        "PostgreSQL no longer streams replication slot `{slot}` to this connection (its \
+         walsender, pid {walsender_pid}, is gone; the slot is now held by {}): the connection \
+         was lost without notice, e.g. a dropped network path; reconnecting",
+        active_pid.map_or("no one".to_string(), |p| format!("pid {p}"))
+    )]
+    WalsenderGone {
+        slot: String,
+        walsender_pid: i32,
+        active_pid: Option<i32>,
+    },
+    #[error(
+        "PostgreSQL did not answer within {waited:?} whether replication slot `{slot}` is still \
+         streamed to this connection (--replication-timeout): the network path or the server \
+         is stuck; reconnecting"
+    )]
+    Unresponsive { slot: String, waited: Duration },
     #[error("the replication stream ended")]
     Ended,
 }
@@ -183,7 +206,10 @@ impl SourceError {
             SourceError::Connect { transient, .. }
             | SourceError::Query { transient, .. }
             | SourceError::Replication { transient, .. } => *transient,
-            SourceError::SlotBusy { .. } | SourceError::Ended => true,
+            SourceError::SlotBusy { .. }
+            | SourceError::Ended
+            | SourceError::WalsenderGone { .. }
+            | SourceError::Unresponsive { .. } => true,
             _ => false,
         }
     }
@@ -292,7 +318,8 @@ pub struct ServerReadiness {
 
 /// Ordinary SQL against the source database: checks, slot management, status.
 pub struct Catalog {
-    client: tokio_postgres::Client,
+    /// Shared with the liveness watch of the running session.
+    client: Arc<tokio_postgres::Client>,
     database: DatabaseUrl,
 }
 
@@ -316,7 +343,7 @@ impl Catalog {
             }
         });
         Ok(Catalog {
-            client,
+            client: Arc::new(client),
             database: database.clone(),
         })
     }
@@ -596,12 +623,18 @@ pub enum WalEvent {
 pub struct ReplicationStream {
     client: ReplicationClient,
     slot: SlotName,
+    liveness: Liveness,
 }
 
 impl ReplicationStream {
     /// Starts streaming from the slot's confirmed position. `confirmed` is what this process
     /// knows to be safe to report as flushed (never below the slot's own position).
-    pub async fn start(config: &SourceConfig, confirmed: Lsn) -> Result<Self, SourceError> {
+    /// `catalog`'s connection watches that the server keeps streaming to this one.
+    pub async fn start(
+        config: &SourceConfig,
+        confirmed: Lsn,
+        catalog: &Catalog,
+    ) -> Result<Self, SourceError> {
         let db = &config.database;
         let mut wire = ReplicationConfig::new(
             db.host.clone(),
@@ -628,23 +661,47 @@ impl ReplicationStream {
         if !confirmed.is_zero() {
             wire = wire.with_ack_lsn(confirmed.into());
         }
-        let mut client = ReplicationClient::connect(wire)
+        let wire_error = |e| SourceError::from_wire(&config.slot, e);
+        // Gated: learn the walsender's pid on the session itself before it starts streaming.
+        let mut client = ReplicationClient::connect_gated(wire)
             .await
-            .map_err(|e| SourceError::from_wire(&config.slot, e))?;
-        client
-            .wait_started()
+            .map_err(wire_error)?;
+        let rows = client
+            .simple_query("SELECT pg_backend_pid()")
             .await
-            .map_err(|e| SourceError::from_wire(&config.slot, e))?;
+            .map_err(wire_error)?;
+        let walsender_pid = rows
+            .first()
+            .and_then(|row| row.first())
+            .and_then(|value| value.as_deref())
+            .and_then(|text| std::str::from_utf8(text).ok()?.parse::<i32>().ok())
+            .ok_or_else(|| SourceError::Replication {
+                detail: format!("unexpected answer to SELECT pg_backend_pid(): {rows:?}"),
+                transient: false,
+            })?;
+        client.start().await.map_err(wire_error)?;
+        client.wait_started().await.map_err(wire_error)?;
         Ok(ReplicationStream {
             client,
             slot: config.slot.clone(),
+            liveness: Liveness::watch(
+                catalog.client.clone(),
+                config.slot.clone(),
+                walsender_pid,
+                config.replication_timeout,
+            ),
         })
     }
 
     /// The next event. Cancel-safe.
     pub async fn next(&mut self) -> Result<WalEvent, SourceError> {
         loop {
-            let event = match self.client.recv().await {
+            let received = tokio::select! {
+                biased;
+                received = self.client.recv() => received,
+                dead = self.liveness.dead() => return Err(dead),
+            };
+            let event = match received {
                 Ok(Some(event)) => event,
                 Ok(None) => return Err(SourceError::Ended),
                 Err(e) => return Err(SourceError::from_wire(&self.slot, e)),

@@ -1,5 +1,5 @@
 //! A TCP proxy the test controls, to cut the network between the publisher and a server and
-//! restore it, without external tools.
+//! restore it, or to leave connections open but silent, without external tools.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,6 +13,8 @@ pub struct TcpProxy {
     cut: Arc<AtomicBool>,
     /// Bumped on every cut: open connections end when it changes.
     generation: watch::Sender<u64>,
+    /// Bumped on every freeze: open connections stop forwarding but stay open.
+    freezes: watch::Sender<u64>,
     task: JoinHandle<()>,
 }
 
@@ -23,7 +25,8 @@ impl TcpProxy {
         let port = listener.local_addr().expect("proxy address").port();
         let cut = Arc::new(AtomicBool::new(false));
         let (generation, _) = watch::channel(0u64);
-        let (flag, generations) = (cut.clone(), generation.clone());
+        let (freezes, _) = watch::channel(0u64);
+        let (flag, generations, frozen) = (cut.clone(), generation.clone(), freezes.clone());
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 if flag.load(Ordering::SeqCst) {
@@ -31,6 +34,7 @@ impl TcpProxy {
                     continue;
                 }
                 let mut ended = generations.subscribe();
+                let mut freeze = frozen.subscribe();
                 tokio::spawn(async move {
                     let Ok(mut server) = TcpStream::connect(("127.0.0.1", upstream)).await else {
                         return;
@@ -39,6 +43,11 @@ impl TcpProxy {
                     tokio::select! {
                         _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
                         _ = ended.changed() => {}
+                        _ = freeze.changed() => {
+                            // Nothing passes any more, and neither end hears that: a black hole.
+                            // The sockets stay open until a cut or the proxy's end.
+                            let _ = ended.changed().await;
+                        }
                     }
                     // Dropping both sockets closes them: the network is gone.
                 });
@@ -48,6 +57,7 @@ impl TcpProxy {
             port,
             cut,
             generation,
+            freezes,
             task,
         }
     }
@@ -62,6 +72,11 @@ impl TcpProxy {
         self.generation.send_modify(|g| *g += 1);
     }
 
+    /// Open connections go silent without closing; new ones pass as before.
+    pub fn freeze_open_connections(&self) {
+        self.freezes.send_modify(|f| *f += 1);
+    }
+
     pub fn restore(&self) {
         self.cut.store(false, Ordering::SeqCst);
     }
@@ -69,6 +84,8 @@ impl TcpProxy {
 
 impl Drop for TcpProxy {
     fn drop(&mut self) {
+        // Ends frozen connections too.
+        self.generation.send_modify(|g| *g += 1);
         self.task.abort();
     }
 }
