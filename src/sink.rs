@@ -500,22 +500,29 @@ impl JetStreamSink {
                     Duration::ZERO
                 }
             });
-        let client = options
-            .connect(addresses)
-            .await
-            .map_err(|err| SinkError::Connect {
+        let client = options.connect(addresses).await.map_err(|err| {
+            let rejected = crate::tls::certificate_rejected(&err);
+            let mut detail = err.to_string();
+            if rejected && detail.contains("alert") {
+                detail.push_str(
+                    " (the server refused this client's certificate, or its absence: check \
+                         --nats-tls-cert and --nats-tls-key)",
+                );
+            }
+            SinkError::Connect {
                 target,
-                transient: !crate::tls::certificate_rejected(&err)
+                transient: !rejected
                     && !matches!(
                         err.kind(),
                         async_nats::ConnectErrorKind::Authentication
-                        | async_nats::ConnectErrorKind::AuthorizationViolation
-                        | async_nats::ConnectErrorKind::ServerParse
-                        // A certificate that does not verify, or TLS required on one side only.
-                        | async_nats::ConnectErrorKind::Tls
+                            | async_nats::ConnectErrorKind::AuthorizationViolation
+                            | async_nats::ConnectErrorKind::ServerParse
+                            // A certificate that does not verify, or TLS required on one side only.
+                            | async_nats::ConnectErrorKind::Tls
                     ),
-                detail: err.to_string(),
-            })?;
+                detail,
+            }
+        })?;
         let context = jetstream::ContextBuilder::new()
             .timeout(config.ack_timeout)
             // Our window bounds in-flight publishes; the client's limit must not be the smaller one.

@@ -16,11 +16,22 @@ pub fn certificate_rejected(err: &(dyn Error + 'static)) -> bool {
                 .and_then(|e| e.downcast_ref::<rustls::Error>())
         });
         if let Some(tls) = tls {
+            use rustls::AlertDescription as Alert;
             return matches!(
                 tls,
                 rustls::Error::InvalidCertificate(_)
                     | rustls::Error::NoCertificatesPresented
                     | rustls::Error::UnsupportedNameType
+                    // The server refused our client certificate, or its absence (mutual TLS).
+                    | rustls::Error::AlertReceived(
+                        Alert::BadCertificate
+                            | Alert::CertificateRequired
+                            | Alert::UnsupportedCertificate
+                            | Alert::CertificateRevoked
+                            | Alert::CertificateExpired
+                            | Alert::CertificateUnknown
+                            | Alert::UnknownCA
+                    )
             );
         }
         current = inner.source();
@@ -42,5 +53,17 @@ mod tests {
         let decrypt =
             std::io::Error::new(std::io::ErrorKind::InvalidData, rustls::Error::DecryptError);
         assert!(!certificate_rejected(&decrypt));
+    }
+
+    #[test]
+    fn a_server_refusing_our_client_certificate_is_a_rejection() {
+        let refused = rustls::Error::AlertReceived(rustls::AlertDescription::CertificateRequired);
+        let io = std::io::Error::new(std::io::ErrorKind::InvalidData, refused);
+        assert!(certificate_rejected(&io));
+        let closed = rustls::Error::AlertReceived(rustls::AlertDescription::CloseNotify);
+        assert!(!certificate_rejected(&std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            closed
+        )));
     }
 }

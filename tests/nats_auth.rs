@@ -1,5 +1,6 @@
 //! NATS authentication against servers configured for it: a token and a user/password in the
-//! URL, an NKey seed file; wrong credentials fail at once, and no secret reaches the log.
+//! URL, an NKey seed file, TLS with a CA and mutual TLS; wrong credentials fail at once, and no
+//! secret reaches the log.
 
 mod support;
 
@@ -155,4 +156,66 @@ async fn tls_with_a_ca_file_and_a_clear_error_without_it() {
     let log = publisher.log();
     assert_eq!(exit_code(status), Some(1), "{log}");
     assert!(log.contains("cannot connect to NATS"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_with_a_client_certificate_and_a_clear_error_without_it() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let env = TestEnv::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new();
+    let path = |name: &str| dir.path().join(name).display().to_string();
+    for (name, pem) in [
+        ("ca.pem", &pki.ca),
+        ("server.pem", &pki.server_cert),
+        ("server.key", &pki.server_key),
+        ("client.pem", &pki.client_cert),
+        ("client.key", &pki.client_key),
+    ] {
+        std::fs::write(path(name), pem).expect("write");
+    }
+    // verify: the server refuses clients without a certificate its CA signed.
+    let nats = start_nats(format!(
+        "tls {{ cert_file: \"{}\", key_file: \"{}\", ca_file: \"{}\", verify: true }}",
+        path("server.pem"),
+        path("server.key"),
+        path("ca.pem")
+    ))
+    .await;
+    let client = async_nats::ConnectOptions::new()
+        .add_root_certificates(path("ca.pem").into())
+        .add_client_certificate(path("client.pem").into(), path("client.key").into())
+        .require_tls(true)
+        .connect(nats.url())
+        .await
+        .expect("connect with a client certificate");
+    let js = jetstream::new(client);
+
+    let with_certificate = args_for(
+        &env,
+        &nats.url(),
+        &[
+            "--nats-tls-ca",
+            &path("ca.pem"),
+            "--nats-tls-cert",
+            &path("client.pem"),
+            "--nats-tls-key",
+            &path("client.key"),
+        ],
+    );
+    let key_material = pki.client_key.lines().nth(1).expect("a PEM body line");
+    publish_and_check(&env, &js, &with_certificate, 10, key_material).await;
+
+    // Without the client certificate the server ends the handshake: a configuration error, not
+    // a retry loop.
+    let mut publisher = Publisher::start(&args_for(
+        &env,
+        &nats.url(),
+        &["--nats-tls-ca", &path("ca.pem")],
+    ));
+    let status = publisher.wait_exit(Duration::from_secs(30)).await;
+    let log = publisher.log();
+    assert_eq!(exit_code(status), Some(1), "{log}");
+    assert!(log.contains("cannot connect to NATS"), "{log}");
+    assert!(log.contains("--nats-tls-cert"), "{log}");
 }
