@@ -2,7 +2,7 @@
 //!
 //! ```text
 //!  ReplicationStream ──WalEvent──▶ decode ─▶ TableMapping ─▶ JetStreamSink::publish
-//!         ▲                                                       │ ack futures, in order
+//!         ▲                                                       │ acks, in publish order
 //!         └──────── confirm(lsn) ◀── Watermark ◀──────────────────┘
 //! ```
 //!
@@ -21,17 +21,15 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use async_nats::Subject;
-use async_nats::jetstream::context::{PublishAckFuture, PublishError};
-use async_nats::jetstream::publish::PublishAck;
-use futures::StreamExt;
-use futures::stream::FuturesOrdered;
 use tokio::sync::watch;
 
 use crate::Error;
 use crate::dead_letter::{ErrorPolicy, PoisonKind, PoisonRow};
 use crate::lsn::Lsn;
 use crate::mapping::{MappingConfig, TableMapping, TransactionContext};
-use crate::sink::{Checkpoint, JetStreamSink, PublishLabel, SinkError};
+use crate::sink::{
+    Ack, AckError, AckOutcome, Checkpoint, ConnectionLost, JetStreamSink, PublishLabel, SinkError,
+};
 use crate::source::pgoutput::{self, Message, SkippedKind};
 use crate::source::{ReplicationStream, SourceError, WalEvent};
 use crate::stats::Stats;
@@ -211,8 +209,6 @@ pub struct PipelineSettings {
     pub shutdown_timeout: Duration,
 }
 
-type AckResult = Result<PublishAck, PublishError>;
-
 /// Where a session starts.
 #[derive(Debug, Clone, Copy)]
 pub struct SessionStart {
@@ -229,6 +225,7 @@ pub struct Session<'a> {
     settings: &'a PipelineSettings,
     stream: ReplicationStream,
     sink: &'a mut JetStreamSink,
+    connection_lost: ConnectionLost,
     stats: &'a Stats,
     watermark: Watermark,
     hold: &'a mut ReplayHold,
@@ -237,7 +234,7 @@ pub struct Session<'a> {
     /// The open transaction committed before `skip_before`.
     skipping: bool,
     tables: HashMap<u32, TableMapping>,
-    in_flight: FuturesOrdered<std::pin::Pin<Box<dyn Future<Output = AckResult> + Send>>>,
+    /// One per publish in flight, oldest first, as the sink hands back their acks.
     labels: VecDeque<PublishLabel>,
     transaction: Option<TransactionContext>,
     row_index: u32,
@@ -262,6 +259,7 @@ impl<'a> Session<'a> {
         Session {
             settings,
             stream,
+            connection_lost: sink.connection_lost(),
             sink,
             stats,
             watermark: Watermark::new(start.progress),
@@ -270,7 +268,6 @@ impl<'a> Session<'a> {
             skip_before: start.skip_before,
             skipping: false,
             tables: HashMap::new(),
-            in_flight: FuturesOrdered::new(),
             labels: VecDeque::new(),
             transaction: None,
             row_index: 0,
@@ -320,10 +317,10 @@ impl<'a> Session<'a> {
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => {}
-                _ = self.sink.disconnected() => return Err(crate::sink::SinkError::Disconnected.into()),
-                Some(ack) = self.in_flight.next(), if !self.in_flight.is_empty() => self.on_ack(ack).await?,
+                _ = self.connection_lost.wait() => return Err(SinkError::Disconnected.into()),
+                ack = self.sink.next_ack(), if self.sink.in_flight() > 0 => self.on_ack(ack).await?,
                 _ = heartbeat.tick() => self.on_tick().await?,
-                event = self.stream.next(), if self.in_flight.len() < window => self.on_event(event?).await?,
+                event = self.stream.next(), if self.sink.in_flight() < window => self.on_event(event?).await?,
             }
         }
     }
@@ -332,18 +329,20 @@ impl<'a> Session<'a> {
     async fn drain(&mut self) -> SessionEnd {
         self.sink.flush().await;
         let deadline = tokio::time::Instant::now() + self.settings.shutdown_timeout;
-        while let Ok(Some(ack)) = tokio::time::timeout_at(deadline, self.in_flight.next()).await {
+        while self.sink.in_flight() > 0
+            && let Ok(ack) = tokio::time::timeout_at(deadline, self.sink.next_ack()).await
+        {
             if let Err(err) = self.on_ack(ack).await {
                 tracing::warn!(error = %err, "a publish failed during shutdown; it will be re-sent on the next start");
                 return SessionEnd::Shutdown { drained: false };
             }
         }
         SessionEnd::Shutdown {
-            drained: self.in_flight.is_empty(),
+            drained: self.sink.in_flight() == 0,
         }
     }
 
-    async fn on_ack(&mut self, ack: AckResult) -> Result<(), Error> {
+    async fn on_ack(&mut self, ack: AckOutcome) -> Result<(), Error> {
         let label = self
             .labels
             .pop_front()
@@ -357,7 +356,7 @@ impl<'a> Session<'a> {
         } else {
             self.stats.published.inc();
         }
-        self.stats.in_flight.set(self.in_flight.len() as u64);
+        self.stats.in_flight.set(self.sink.in_flight() as u64);
         if self.watermark.acked() {
             self.stats.transaction_acked(label.commit_time);
             self.confirm();
@@ -371,8 +370,8 @@ impl<'a> Session<'a> {
     async fn on_failed_publish(
         &mut self,
         label: &PublishLabel,
-        err: PublishError,
-    ) -> Result<PublishAck, Error> {
+        err: AckError,
+    ) -> Result<Ack, Error> {
         let err = self.sink.ack_error(label, err).await;
         self.stats.publish_error(err.kind());
         let kind = match &err {
@@ -395,11 +394,7 @@ impl<'a> Session<'a> {
             payload: payload.clone(),
         };
         let (event, dead_letter) = self.dead_letter_or_fail(row, err.into(), label.commit_time)?;
-        let pending = self.sink.publish(event, &dead_letter).await?;
-        match pending.await {
-            Ok(ack) => Ok(ack),
-            Err(err) => Err(self.sink.ack_error(&dead_letter, err).await.into()),
-        }
+        Ok(self.sink.publish_and_wait(event, &dead_letter).await?)
     }
 
     /// With `--on-error dead-letter`, the dead letter to publish for `row`; else `err`.
@@ -431,10 +426,9 @@ impl<'a> Session<'a> {
         ))
     }
 
-    fn push_in_flight(&mut self, ack: PublishAckFuture, label: PublishLabel) {
-        self.in_flight.push_back(Box::pin(ack.into_future()));
+    fn push_in_flight(&mut self, label: PublishLabel) {
         self.labels.push_back(label);
-        self.stats.in_flight.set(self.in_flight.len() as u64);
+        self.stats.in_flight.set(self.sink.in_flight() as u64);
         self.watermark.published();
     }
 
@@ -532,8 +526,8 @@ impl<'a> Session<'a> {
                     Ok(mapped) => mapped,
                     Err((row, err)) => self.dead_letter_or_fail(row, err, commit_time)?,
                 };
-                let ack = match self.sink.publish(event, &label).await {
-                    Ok(ack) => ack,
+                match self.sink.publish(event, &label).await {
+                    Ok(()) => {}
                     Err(err) => {
                         self.stats.publish_error(err.kind());
                         let SinkError::TooLarge { size, .. } = &err else {
@@ -554,12 +548,12 @@ impl<'a> Session<'a> {
                         };
                         let (event, label) =
                             self.dead_letter_or_fail(row, err.into(), commit_time)?;
-                        let ack = self.sink.publish(event, &label).await?;
-                        self.push_in_flight(ack, label);
+                        self.sink.publish(event, &label).await?;
+                        self.push_in_flight(label);
                         return Ok(());
                     }
                 };
-                self.push_in_flight(ack, label);
+                self.push_in_flight(label);
             }
             Message::Skipped(kind) => {
                 self.stats.skipped(kind);

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
+use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::{self, stream};
 use async_nats::{Event, Subject};
 use tokio::sync::watch;
@@ -21,6 +21,10 @@ use tokio::sync::watch;
 use crate::lsn::Lsn;
 use crate::mapping::OutboxEvent;
 use crate::secret::Secret;
+
+mod acks;
+
+pub use acks::{Ack, AckError, AckOutcome};
 
 /// Duplicate windows shorter than this warn at start: a restart or failover slower than the window
 /// would re-publish events JetStream no longer recognises.
@@ -424,6 +428,18 @@ pub fn redact_nats_url(urls: &str) -> String {
         .join(",")
 }
 
+/// See [`JetStreamSink::connection_lost`].
+pub struct ConnectionLost(watch::Receiver<bool>);
+
+impl ConnectionLost {
+    /// Resolves when the connection has dropped (and never otherwise).
+    pub async fn wait(&mut self) {
+        if self.0.wait_for(|lost| *lost).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
 /// Identifies a publish in error messages.
 #[derive(Debug, Clone)]
 pub struct PublishLabel {
@@ -455,7 +471,11 @@ impl PublishLabel {
 }
 
 pub struct JetStreamSink {
+    client: async_nats::Client,
+    /// For stream management, the checkpoint and dead letters; events go out through `acks`.
     context: jetstream::Context,
+    acks: acks::Acks,
+    ack_timeout: Duration,
     disconnected: watch::Receiver<bool>,
 }
 
@@ -479,6 +499,9 @@ impl JetStreamSink {
         let options = options
             .name("outbox-cdc")
             .connection_timeout(Duration::from_secs(5))
+            // Every in-flight publish's ack waits in the ack subscription's buffer; a full buffer
+            // would drop acks (and time the session out).
+            .subscription_capacity((config.max_in_flight + 1024).max(64 * 1024))
             .event_callback(move |event| {
                 let disconnected_tx = disconnected_tx.clone();
                 let connected_flag = connected_flag.clone();
@@ -523,14 +546,21 @@ impl JetStreamSink {
                 detail,
             }
         })?;
+        let acks = acks::Acks::subscribe(&client, config.ack_timeout)
+            .await
+            .map_err(|e| SinkError::Connect {
+                target: redact_nats_url(config.urls.expose()),
+                detail: format!("subscribing to JetStream acks: {e}"),
+                transient: true,
+            })?;
         let context = jetstream::ContextBuilder::new()
             .timeout(config.ack_timeout)
-            // Our window bounds in-flight publishes; the client's limit must not be the smaller one.
-            .max_ack_inflight(config.max_in_flight.max(1) + 64)
-            .backpressure_on_inflight(true)
-            .build(client);
+            .build(client.clone());
         Ok(JetStreamSink {
+            client,
             context,
+            acks,
+            ack_timeout: config.ack_timeout,
             disconnected,
         })
     }
@@ -613,40 +643,87 @@ impl JetStreamSink {
         Ok(())
     }
 
-    /// Sends one event; the returned future resolves with JetStream's ack.
+    /// Sends one event; its ack comes back, in publish order, from [`JetStreamSink::next_ack`].
     pub async fn publish(
-        &self,
+        &mut self,
         event: OutboxEvent,
         label: &PublishLabel,
-    ) -> Result<PublishAckFuture, SinkError> {
+    ) -> Result<(), SinkError> {
         let size = event.payload.len();
-        let publish = jetstream::message::PublishMessage::build()
-            .payload(event.payload)
-            .headers(event.headers);
-        self.context
-            .send_publish(label.subject.clone(), publish)
+        self.client
+            .publish_with_reply_and_headers(
+                label.subject.clone(),
+                self.acks.reply_subject(),
+                event.headers,
+                event.payload,
+            )
             .await
             .map_err(|err| match err.kind() {
-                PublishErrorKind::MaxPayloadExceeded => SinkError::TooLarge {
+                async_nats::client::PublishErrorKind::MaxPayloadExceeded => SinkError::TooLarge {
                     event_id: label.event_id.clone(),
                     subject: label.subject.to_string(),
                     commit_lsn: label.commit_lsn.to_string(),
                     size,
-                    max: self.context.client().server_info().max_payload,
+                    max: self.max_payload(),
                 },
                 _ => self.publish_error(label, err.to_string(), true),
-            })
+            })?;
+        self.acks.sent();
+        Ok(())
+    }
+
+    /// The ack of the oldest publish still in flight; pending forever when there is none.
+    /// Cancel-safe.
+    pub async fn next_ack(&mut self) -> AckOutcome {
+        self.acks.next().await
+    }
+
+    /// Publishes sent whose ack [`JetStreamSink::next_ack`] has not handed out yet.
+    pub fn in_flight(&self) -> usize {
+        self.acks.pending()
+    }
+
+    /// Publishes one event and waits for its ack, outside the ordered flow of
+    /// [`JetStreamSink::publish`]: for a dead letter that must be stored before the next ack is
+    /// looked at.
+    pub async fn publish_and_wait(
+        &self,
+        event: OutboxEvent,
+        label: &PublishLabel,
+    ) -> Result<Ack, SinkError> {
+        let publish = jetstream::message::PublishMessage::build()
+            .payload(event.payload)
+            .headers(event.headers);
+        let pending = self
+            .context
+            .send_publish(label.subject.clone(), publish)
+            .await
+            .map_err(|err| self.publish_error(label, err.to_string(), true))?;
+        match pending.await {
+            Ok(ack) => Ok(Ack {
+                duplicate: ack.duplicate,
+            }),
+            Err(err) => {
+                let err = match err.kind() {
+                    PublishErrorKind::StreamNotFound => AckError::NoResponders,
+                    PublishErrorKind::TimedOut => AckError::TimedOut(self.ack_timeout),
+                    _ => match std::error::Error::source(&err)
+                        .and_then(|e| e.downcast_ref::<jetstream::Error>())
+                    {
+                        Some(api) => AckError::JetStream(api.clone()),
+                        None => AckError::Unexpected(err.to_string()),
+                    },
+                };
+                Err(self.ack_error(label, err).await)
+            }
+        }
     }
 
     /// Turns a failed ack into an error that says what to do.
-    pub async fn ack_error(
-        &self,
-        label: &PublishLabel,
-        err: jetstream::context::PublishError,
-    ) -> SinkError {
-        match err.kind() {
-            // "No responders": a stream may be missing, or (in a cluster) briefly leaderless.
-            PublishErrorKind::StreamNotFound => {
+    pub async fn ack_error(&self, label: &PublishLabel, err: AckError) -> SinkError {
+        match err {
+            // A stream may be missing, or (in a cluster) briefly leaderless.
+            AckError::NoResponders => {
                 match self
                     .context
                     .stream_by_subject(label.subject.to_string())
@@ -664,24 +741,14 @@ impl JetStreamSink {
                     _ => self.publish_error(label, err.to_string(), true),
                 }
             }
-            PublishErrorKind::TimedOut => {
-                self.publish_error(label, "no ack within the ack timeout".into(), true)
-            }
             // 400: JetStream refuses this message itself (e.g. headers over 64 KiB); sending it
             // again cannot help. Other codes (503 no leader, 500) are about the server's state.
-            PublishErrorKind::Other
-                if std::error::Error::source(&err)
-                    .and_then(|e| e.downcast_ref::<jetstream::Error>())
-                    .is_some_and(|e| e.code() == 400) =>
-            {
-                SinkError::Rejected {
-                    event_id: label.event_id.clone(),
-                    subject: label.subject.to_string(),
-                    commit_lsn: label.commit_lsn.to_string(),
-                    detail: std::error::Error::source(&err)
-                        .map_or_else(|| err.to_string(), |e| e.to_string()),
-                }
-            }
+            AckError::JetStream(api) if api.code() == 400 => SinkError::Rejected {
+                event_id: label.event_id.clone(),
+                subject: label.subject.to_string(),
+                commit_lsn: label.commit_lsn.to_string(),
+                detail: api.to_string(),
+            },
             _ => self.publish_error(label, err.to_string(), true),
         }
     }
@@ -696,11 +763,10 @@ impl JetStreamSink {
         }
     }
 
-    /// Resolves when the connection has dropped (and never otherwise).
-    pub async fn disconnected(&mut self) {
-        if self.disconnected.wait_for(|lost| *lost).await.is_err() {
-            std::future::pending::<()>().await;
-        }
+    /// Resolves when this sink's connection has dropped; held apart from the sink so that it can
+    /// be awaited beside [`JetStreamSink::next_ack`].
+    pub fn connection_lost(&self) -> ConnectionLost {
+        ConnectionLost(self.disconnected.clone())
     }
 
     /// Flushes what the client buffered, so that shutdown does not wait on unsent publishes.

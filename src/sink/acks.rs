@@ -1,0 +1,314 @@
+//! JetStream acks matched to publishes by a sequence number in the reply subject.
+//!
+//! async-nats's JetStream publish is a request: per message a oneshot channel, a timer, a map
+//! entry, a semaphore permit and a boxed future, then a generic JSON parse of the ack. The
+//! pipeline already orders its publishes and bounds them with its window, so the sink publishes
+//! with a reply subject of its own, `<inbox>.<sequence>`, receives every ack on one wildcard
+//! subscription, and hands them back in publish order. One timer covers the oldest publish.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use async_nats::{Client, StatusCode, Subject, Subscriber};
+use futures::StreamExt;
+use tokio::time::{Instant, Sleep};
+
+/// JetStream stored the message (or already had it, by `Nats-Msg-Id`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ack {
+    pub duplicate: bool,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum AckError {
+    /// Nothing listens on the subject: no stream captures it, or (in a cluster) its stream has
+    /// no leader for a moment.
+    #[error("no responders: no JetStream stream answered for this subject")]
+    NoResponders,
+    #[error("no ack within the ack timeout ({0:?})")]
+    TimedOut(Duration),
+    #[error("JetStream refused the message: {0}")]
+    JetStream(jetstream::Error),
+    #[error("unexpected answer to a publish: {0}")]
+    Unexpected(String),
+    #[error("the NATS connection closed before the ack arrived")]
+    Closed,
+}
+
+pub type AckOutcome = Result<Ack, AckError>;
+
+/// The publishes awaiting their ack, oldest first, and the acks that arrived out of turn.
+#[derive(Debug, Default)]
+struct AckQueue {
+    /// Sequence of the oldest entry of `pending`.
+    first: u64,
+    pending: VecDeque<Pending>,
+}
+
+#[derive(Debug)]
+struct Pending {
+    sent: Instant,
+    outcome: Option<AckOutcome>,
+}
+
+impl AckQueue {
+    /// The sequence the next publish carries.
+    fn next_sequence(&self) -> u64 {
+        self.first + self.pending.len() as u64
+    }
+
+    fn sent(&mut self, at: Instant) {
+        self.pending.push_back(Pending {
+            sent: at,
+            outcome: None,
+        });
+    }
+
+    /// Records the outcome of publish `sequence`. An answer for a publish no longer pending (a
+    /// late ack after a timeout, a stray message) is ignored.
+    fn record(&mut self, sequence: u64, outcome: AckOutcome) {
+        let Some(index) = sequence.checked_sub(self.first) else {
+            return;
+        };
+        if let Some(entry) = usize::try_from(index)
+            .ok()
+            .and_then(|i| self.pending.get_mut(i))
+            && entry.outcome.is_none()
+        {
+            entry.outcome = Some(outcome);
+        }
+    }
+
+    /// The oldest publish's outcome, once it is known.
+    fn pop_ready(&mut self) -> Option<AckOutcome> {
+        if self.pending.front()?.outcome.is_some() {
+            self.first += 1;
+            return self.pending.pop_front().and_then(|p| p.outcome);
+        }
+        None
+    }
+
+    /// Marks the oldest publish as failed if it has no outcome yet.
+    fn fail_oldest(&mut self, err: AckError) {
+        if let Some(front) = self.pending.front_mut()
+            && front.outcome.is_none()
+        {
+            front.outcome = Some(Err(err));
+        }
+    }
+
+    fn oldest_sent(&self) -> Option<Instant> {
+        self.pending.front().map(|p| p.sent)
+    }
+
+    fn len(&self) -> usize {
+        self.pending.len()
+    }
+}
+
+/// Reply subjects for publishes, and their acks back in publish order.
+pub struct Acks {
+    subscription: Subscriber,
+    /// `<inbox>.`; a publish's reply subject is this and its sequence.
+    prefix: String,
+    queue: AckQueue,
+    timeout: Duration,
+    /// Fires no earlier than the oldest publish's deadline; re-armed only when it fires early,
+    /// so that acks flowing in do not each touch the timer wheel.
+    timer: std::pin::Pin<Box<Sleep>>,
+}
+
+impl Acks {
+    pub async fn subscribe(
+        client: &Client,
+        timeout: Duration,
+    ) -> Result<Self, async_nats::SubscribeError> {
+        let inbox = client.new_inbox();
+        let subscription = client.subscribe(format!("{inbox}.*")).await?;
+        Ok(Acks {
+            subscription,
+            prefix: format!("{inbox}."),
+            queue: AckQueue::default(),
+            timeout,
+            timer: Box::pin(tokio::time::sleep(timeout)),
+        })
+    }
+
+    /// The reply subject for the next publish; call [`Acks::sent`] once it is sent.
+    pub fn reply_subject(&self) -> Subject {
+        let mut subject = String::with_capacity(self.prefix.len() + 20);
+        subject.push_str(&self.prefix);
+        subject.push_str(itoa::Buffer::new().format(self.queue.next_sequence()));
+        Subject::from(subject)
+    }
+
+    /// The publish with the last [`Acks::reply_subject`] went out.
+    pub fn sent(&mut self) {
+        self.queue.sent(Instant::now());
+    }
+
+    /// Publishes awaiting their ack.
+    pub fn pending(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// The outcome of the oldest pending publish. Cancel-safe; pending forever when nothing is
+    /// in flight.
+    pub async fn next(&mut self) -> AckOutcome {
+        loop {
+            if let Some(outcome) = self.queue.pop_ready() {
+                return outcome;
+            }
+            let Some(oldest_sent) = self.queue.oldest_sent() else {
+                return std::future::pending().await;
+            };
+            let deadline = oldest_sent + self.timeout;
+            tokio::select! {
+                biased;
+                message = self.subscription.next() => match message {
+                    Some(message) => self.on_message(message),
+                    None => self.queue.fail_oldest(AckError::Closed),
+                },
+                () = &mut self.timer => {
+                    if Instant::now() >= deadline {
+                        self.queue.fail_oldest(AckError::TimedOut(self.timeout));
+                    } else {
+                        self.timer.as_mut().reset(deadline);
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_message(&mut self, message: async_nats::Message) {
+        let sequence = message
+            .subject
+            .as_str()
+            .strip_prefix(self.prefix.as_str())
+            .and_then(|s| s.parse::<u64>().ok());
+        if let Some(sequence) = sequence {
+            self.queue
+                .record(sequence, outcome(message.status, &message.payload));
+        }
+    }
+}
+
+/// Reads JetStream's answer to one publish.
+fn outcome(status: Option<StatusCode>, payload: &[u8]) -> AckOutcome {
+    match status {
+        None | Some(StatusCode::OK) => {}
+        Some(StatusCode::NO_RESPONDERS) => return Err(AckError::NoResponders),
+        Some(other) => return Err(AckError::Unexpected(format!("status {other}"))),
+    }
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        error: Option<jetstream::Error>,
+        // Every ack names the stream; its absence means the answer is something else.
+        #[serde(default)]
+        seq: Option<u64>,
+        #[serde(default)]
+        duplicate: bool,
+    }
+    match serde_json::from_slice::<Answer>(payload) {
+        Ok(Answer {
+            error: Some(error), ..
+        }) => Err(AckError::JetStream(error)),
+        Ok(Answer {
+            seq: Some(_),
+            duplicate,
+            ..
+        }) => Ok(Ack { duplicate }),
+        Ok(_) | Err(_) => Err(AckError::Unexpected(
+            String::from_utf8_lossy(&payload[..payload.len().min(200)]).into_owned(),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_acks_duplicates_and_errors() {
+        assert_eq!(
+            outcome(None, br#"{"stream":"OUTBOX","seq":7}"#).unwrap(),
+            Ack { duplicate: false }
+        );
+        assert_eq!(
+            outcome(
+                None,
+                br#"{"stream":"OUTBOX","domain":"hub","seq":7,"duplicate":true}"#
+            )
+            .unwrap(),
+            Ack { duplicate: true }
+        );
+        let Err(AckError::JetStream(error)) = outcome(
+            None,
+            br#"{"error":{"code":400,"err_code":10097,"description":"header size exceeds maximum allowed of 64kb"}}"#,
+        ) else {
+            panic!("an error answer is an error");
+        };
+        assert_eq!(error.code(), 400);
+        assert!(matches!(
+            outcome(Some(StatusCode::NO_RESPONDERS), b""),
+            Err(AckError::NoResponders)
+        ));
+        assert!(matches!(
+            outcome(None, b"+OK"),
+            Err(AckError::Unexpected(text)) if text == "+OK"
+        ));
+        assert!(matches!(outcome(None, b"{}"), Err(AckError::Unexpected(_))));
+    }
+
+    #[test]
+    fn hands_acks_back_in_publish_order_whatever_order_they_arrive_in() {
+        let mut queue = AckQueue::default();
+        let now = Instant::now();
+        for _ in 0..3 {
+            queue.sent(now);
+        }
+        queue.record(2, Ok(Ack { duplicate: true }));
+        queue.record(1, Err(AckError::NoResponders));
+        assert!(queue.pop_ready().is_none(), "the oldest has no ack yet");
+        queue.record(0, Ok(Ack { duplicate: false }));
+        queue.record(0, Err(AckError::Closed));
+        assert!(matches!(
+            queue.pop_ready(),
+            Some(Ok(Ack { duplicate: false }))
+        ));
+        assert!(matches!(
+            queue.pop_ready(),
+            Some(Err(AckError::NoResponders))
+        ));
+        assert!(matches!(
+            queue.pop_ready(),
+            Some(Ok(Ack { duplicate: true }))
+        ));
+        assert!(queue.pop_ready().is_none());
+        assert_eq!(queue.next_sequence(), 3);
+        // Late or stray answers change nothing.
+        queue.record(1, Ok(Ack { duplicate: false }));
+        queue.record(99, Ok(Ack { duplicate: false }));
+        assert_eq!(queue.len(), 0);
+    }
+
+    #[test]
+    fn a_timeout_fails_only_the_oldest_publish_without_an_answer() {
+        let mut queue = AckQueue::default();
+        let now = Instant::now();
+        queue.sent(now);
+        queue.sent(now);
+        queue.fail_oldest(AckError::TimedOut(Duration::from_secs(1)));
+        assert!(matches!(
+            queue.pop_ready(),
+            Some(Err(AckError::TimedOut(_)))
+        ));
+        queue.record(1, Ok(Ack { duplicate: false }));
+        queue.fail_oldest(AckError::Closed);
+        assert!(
+            matches!(queue.pop_ready(), Some(Ok(_))),
+            "an ack that arrived stands"
+        );
+    }
+}
