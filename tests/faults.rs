@@ -196,6 +196,52 @@ async fn nats_killed_and_restarted_on_the_same_store_mid_stream() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_frozen_acks_time_out_and_the_session_restarts() {
+    // A server that stops answering without closing the connection: only the ack timeout
+    // notices (NATS's own pings take minutes). Without it the session would wait forever.
+    let total = events(100_000) / 5;
+    let env = TestEnv::start().await;
+    let Some(nats_pid) = env.nats_pid() else {
+        eprintln!("skipped: needs an embedded NATS server to freeze");
+        return;
+    };
+    env.create_stream().await;
+    let oracle = env.oracle().await;
+    let mut publisher = leader(&env, &["--ack-timeout", "1s"]).await;
+    let traffic = Traffic::start(&env, 2, total / 2, total / 2, 20, Duration::from_millis(5)).await;
+    traffic.until_stored(&env, total / 4).await;
+    signal_pid(nats_pid, libc::SIGSTOP);
+    let frozen = Instant::now();
+    let waited = tokio::time::timeout(
+        Duration::from_secs(30),
+        publisher.wait_for_log("within the ack timeout", Duration::from_secs(30)),
+    )
+    .await;
+    let detected = frozen.elapsed();
+    signal_pid(nats_pid, libc::SIGCONT);
+    let thawed = Instant::now();
+    assert!(waited.is_ok(), "{}", publisher.log());
+    publisher
+        .wait_for_log("retrying with backoff", Duration::from_secs(30))
+        .await;
+    let recovery = resumed_after(&env, thawed, &publisher).await;
+    eprintln!(
+        "FAULTS NATS frozen: ack timeout noticed {:.2}s after SIGSTOP (--ack-timeout 1s)",
+        detected.as_secs_f64()
+    );
+    traffic
+        .end(
+            &env,
+            &oracle,
+            &mut publisher,
+            "NATS SIGSTOP until the ack timeout, then SIGCONT",
+            1,
+            &[recovery],
+        )
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_down_at_startup_for_30s() {
     let down: u64 = std::env::var("OUTBOX_CDC_FAULT_NATS_DOWN_SECS")
         .ok()
@@ -325,9 +371,13 @@ async fn leader_killed_the_standby_takes_over() {
 }
 
 fn signal(publisher: &Publisher, signal: libc::c_int) {
+    signal_pid(publisher.pid(), signal);
+}
+
+fn signal_pid(pid: u32, signal: libc::c_int) {
     // SAFETY: kill(2) on the pid of a child this test started; no memory is involved.
-    let rc = unsafe { libc::kill(publisher.pid() as libc::pid_t, signal) };
-    assert_eq!(rc, 0, "kill({}, {signal})", publisher.pid());
+    let rc = unsafe { libc::kill(pid as libc::pid_t, signal) };
+    assert_eq!(rc, 0, "kill({pid}, {signal})");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -650,14 +650,24 @@ impl JetStreamSink {
         label: &PublishLabel,
     ) -> Result<(), SinkError> {
         let size = event.payload.len();
-        self.client
-            .publish_with_reply_and_headers(
-                label.subject.clone(),
-                self.acks.reply_subject(),
-                event.headers,
-                event.payload,
-            )
+        let send = self.client.publish_with_reply_and_headers(
+            label.subject.clone(),
+            self.acks.reply_subject(),
+            event.headers,
+            event.payload,
+        );
+        // A server that stops reading (frozen, or a black-holed network) fills the client's
+        // buffers, and the send waits; the ack timeout bounds that wait too. The timer is only
+        // armed when the send does not complete at once.
+        tokio::time::timeout(self.ack_timeout, send)
             .await
+            .map_err(|_elapsed| {
+                self.publish_error(
+                    label,
+                    "the NATS connection took no data within the ack timeout".into(),
+                    true,
+                )
+            })?
             .map_err(|err| match err.kind() {
                 async_nats::client::PublishErrorKind::MaxPayloadExceeded => SinkError::TooLarge {
                     event_id: label.event_id.clone(),
