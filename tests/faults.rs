@@ -374,17 +374,10 @@ fn signal(publisher: &Publisher, signal: libc::c_int) {
     signal_pid(publisher.pid(), signal);
 }
 
-fn signal_pid(pid: u32, signal: libc::c_int) {
-    // SAFETY: kill(2) on the pid of a child this test started; no memory is involved.
-    let rc = unsafe { libc::kill(pid as libc::pid_t, signal) };
-    assert_eq!(rc, 0, "kill({pid}, {signal})");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn frozen_leader_is_replaced_and_what_it_sends_on_waking_changes_nothing() {
-    let total = events(100_000) / 5;
+/// A test environment with the outbox table whose PostgreSQL ends a walsender it has not heard
+/// from for 3 s (`wal_sender_timeout`), so that the scenarios need not wait a minute.
+async fn env_with_wal_sender_timeout_3s() -> TestEnv {
     let env = TestEnv::start_bare(outbox_cdc::embedded::PostgresOptions {
-        // PostgreSQL ends a silent walsender after this: the frozen leader loses the slot.
         settings: vec![("wal_sender_timeout".into(), "'3s'".into())],
         ..Default::default()
     })
@@ -394,6 +387,20 @@ async fn frozen_leader_is_replaced_and_what_it_sends_on_waking_changes_nothing()
         .batch_execute(OUTBOX_SQL)
         .await
         .expect("outbox");
+    env
+}
+
+fn signal_pid(pid: u32, signal: libc::c_int) {
+    // SAFETY: kill(2) on the pid of a child this test started; no memory is involved.
+    let rc = unsafe { libc::kill(pid as libc::pid_t, signal) };
+    assert_eq!(rc, 0, "kill({pid}, {signal})");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frozen_leader_is_replaced_and_what_it_sends_on_waking_changes_nothing() {
+    let total = events(100_000) / 5;
+    // PostgreSQL ends a silent walsender after 3 s: the frozen leader loses the slot.
+    let env = env_with_wal_sender_timeout_3s().await;
     env.create_stream().await;
     let oracle = env.oracle().await;
     let mut frozen = leader(&env, &[]).await;
@@ -471,17 +478,8 @@ async fn network_to_postgres_cut_and_restored() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn network_to_postgres_black_holed() {
     let total = events(100_000) / 5;
-    let env = TestEnv::start_bare(outbox_cdc::embedded::PostgresOptions {
-        // PostgreSQL ends the walsender that no longer hears from us after this.
-        settings: vec![("wal_sender_timeout".into(), "'3s'".into())],
-        ..Default::default()
-    })
-    .await;
-    env.sql()
-        .await
-        .batch_execute(OUTBOX_SQL)
-        .await
-        .expect("outbox");
+    // PostgreSQL ends the walsender that no longer hears from us after 3 s.
+    let env = env_with_wal_sender_timeout_3s().await;
     let pg = env.embedded_postgres().expect("an embedded PostgreSQL");
     let proxy = support::proxy::TcpProxy::start(pg.port()).await;
     env.create_stream().await;
