@@ -108,13 +108,17 @@ async fn leader(env: &TestEnv, extra: &[&str]) -> Publisher {
 }
 
 /// From `since` until publishing has resumed: the stream holds more than it does now, or
-/// already holds every row of the outbox table (the writers may have finished).
+/// already holds every row of the outbox table (the writers may have finished). "Now" is a
+/// reading a server answered: one taken while NATS is still down would make its return look
+/// like progress.
 async fn resumed_after(env: &TestEnv, since: Instant, publisher: &Publisher) -> Duration {
-    let js = env.jetstream().await;
-    let now = stream_message_count(&js, &env.stream).await;
+    let mut counter = StreamCounter::new(env);
     let deadline = Instant::now() + Duration::from_secs(120);
+    let now = tokio::time::timeout_at(deadline.into(), counter.count_when_reachable())
+        .await
+        .unwrap_or_else(|_| panic!("NATS never answered; log:\n{}", publisher.log()));
     while Instant::now() < deadline {
-        let stored = stream_message_count(&js, &env.stream).await;
+        let stored = counter.count().await.unwrap_or(0);
         let written = match env.sql_opt().await {
             Some(sql) => sql
                 .query_one("SELECT count(*) FROM outbox", &[])

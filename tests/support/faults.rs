@@ -160,18 +160,13 @@ pub struct Sampler {
 impl Sampler {
     pub fn start(env: &TestEnv, slot: &str) -> Sampler {
         let stop = Arc::new(AtomicBool::new(false));
-        let (url, nats, stream, slot) = (
-            env.database_url.clone(),
-            env.nats_url.clone(),
-            env.stream.clone(),
-            slot.to_owned(),
-        );
+        let (url, slot) = (env.database_url.clone(), slot.to_owned());
+        let mut counter = StreamCounter::new(env);
         let flag = stop.clone();
         let task = tokio::spawn(async move {
             let mut samples = Vec::new();
             let mut most = 0;
             let mut client = None;
-            let mut js = None;
             while !flag.load(Ordering::Relaxed) {
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 let Some(c) = connected(&url, &mut client).await else {
@@ -191,26 +186,11 @@ impl Sampler {
                         continue;
                     }
                 };
-                if js.is_none() {
-                    let options = async_nats::ConnectOptions::new()
-                        .connection_timeout(Duration::from_millis(500));
-                    js = options
-                        .connect(super::server_addrs(&nats))
-                        .await
-                        .ok()
-                        .map(async_nats::jetstream::new);
-                }
-                let Some(context) = &js else { continue };
-                match context.get_stream(&stream).await {
-                    Ok(mut s) => match s.info().await {
-                        Ok(info) if info.state.messages >= most => {
-                            most = info.state.messages;
-                            samples.push((confirmed, most));
-                        }
-                        Ok(_) => {}
-                        Err(_) => js = None,
-                    },
-                    Err(_) => js = None,
+                if let Some(stored) = counter.count().await
+                    && stored >= most
+                {
+                    most = stored;
+                    samples.push((confirmed, most));
                 }
             }
             samples
@@ -221,6 +201,64 @@ impl Sampler {
     pub async fn finish(self) -> Vec<(u64, u64)> {
         self.stop.store(true, Ordering::Relaxed);
         self.task.await.expect("sampler")
+    }
+}
+
+/// Reads a stream's message count while servers fail: a request gives up after 500 ms and a
+/// failed one drops the connection, so that a node that just died or a server still restarting
+/// delays a reading by that much at most, not by the client's request timeout (two requests of
+/// 5 s: recovery figures of exactly 10.01 s) or its reconnect backoff.
+pub struct StreamCounter {
+    urls: String,
+    stream: String,
+    context: Option<async_nats::jetstream::Context>,
+}
+
+impl StreamCounter {
+    const TIMEOUT: Duration = Duration::from_millis(500);
+
+    pub fn new(env: &TestEnv) -> StreamCounter {
+        StreamCounter {
+            urls: env.nats_url.clone(),
+            stream: env.stream.clone(),
+            context: None,
+        }
+    }
+
+    /// The stream's message count, or None when no server answered in time.
+    pub async fn count(&mut self) -> Option<u64> {
+        if self.context.is_none() {
+            let client = async_nats::ConnectOptions::new()
+                .connection_timeout(Self::TIMEOUT)
+                .connect(super::server_addrs(&self.urls))
+                .await
+                .ok()?;
+            self.context = Some(
+                async_nats::jetstream::ContextBuilder::new()
+                    .timeout(Self::TIMEOUT)
+                    .build(client),
+            );
+        }
+        let context = self.context.as_ref()?;
+        // One request: the stream's info comes with it.
+        let count = match context.get_stream(&self.stream).await {
+            Ok(stream) => Some(stream.cached_info().state.messages),
+            Err(_) => None,
+        };
+        if count.is_none() {
+            self.context = None;
+        }
+        count
+    }
+
+    /// The count once a server answers.
+    pub async fn count_when_reachable(&mut self) -> u64 {
+        loop {
+            if let Some(count) = self.count().await {
+                return count;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }
 
@@ -256,6 +294,34 @@ pub struct Verdict {
 /// Compares the stream with the oracle and the samples with both; prints one line of figures
 /// and panics unless nothing was lost, duplicated, reordered or confirmed too early.
 pub fn verdict(
+    scenario: &str,
+    faults: usize,
+    recovery: &[Duration],
+    stream: &[Received],
+    oracle: &[CommittedRow],
+    samples: &[(u64, u64)],
+) -> Verdict {
+    let verdict = compare(scenario, faults, recovery, stream, oracle, samples);
+    assert_eq!(
+        (
+            verdict.lost,
+            verdict.duplicated,
+            verdict.reordered,
+            verdict.ahead_of_stream
+        ),
+        (0, 0, 0, 0),
+        "{scenario}: {verdict:?}"
+    );
+    assert_eq!(
+        stream.len(),
+        oracle.len(),
+        "{scenario}: the stream holds events the oracle does not"
+    );
+    verdict
+}
+
+/// What [`verdict`] checks, counted and printed, without judging.
+pub fn compare(
     scenario: &str,
     faults: usize,
     recovery: &[Duration],
@@ -314,23 +380,12 @@ pub fn verdict(
         worst.as_secs_f64(),
         samples.len()
     );
-    let verdict = Verdict {
+    Verdict {
         events: oracle.len(),
         lost,
         duplicated,
         reordered,
         ahead_of_stream,
         samples: samples.len(),
-    };
-    assert_eq!(
-        (lost, duplicated, reordered, ahead_of_stream),
-        (0, 0, 0, 0),
-        "{scenario}: {verdict:?}"
-    );
-    assert_eq!(
-        stream.len(),
-        oracle.len(),
-        "{scenario}: the stream holds events the oracle does not"
-    );
-    verdict
+    }
 }
