@@ -1,5 +1,6 @@
 //! Micro-benchmarks of the per-event hot path, without servers: decoding a pgoutput Insert,
-//! mapping the row to a message, and the pipeline's bookkeeping (publish label, LSN watermark).
+//! mapping the row to a message, the pipeline's bookkeeping (publish label, LSN watermark) and
+//! the sink's fencing (the stream of the subject, the expected predecessor).
 //!
 //! `cargo bench --bench hot_path` reports time per event (Criterion) and, first, allocations per
 //! event, counted by a global allocator wrapper over a fixed number of iterations.
@@ -13,7 +14,7 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use outbox_cdc::Lsn;
 use outbox_cdc::mapping::{MappingConfig, TableMapping, TransactionContext};
 use outbox_cdc::pipeline::Watermark;
-use outbox_cdc::sink::PublishLabel;
+use outbox_cdc::sink::{Fence, PublishLabel};
 use outbox_cdc::source::pgoutput::{self, Message, encode};
 
 /// Counts allocations (not frees): what "allocations per event" means below.
@@ -112,7 +113,7 @@ fn map(mapping: &TableMapping, frame: &Bytes, txn: &TransactionContext) -> Publi
     let event = mapping
         .map(&insert.tuple, frame, txn, 0)
         .expect("the row maps");
-    PublishLabel::new(&event, txn.commit_lsn, txn.commit_time, None)
+    PublishLabel::new(&event, txn.commit_lsn, txn.commit_time)
 }
 
 /// The watermark's work for one 100-row transaction: begin, 100 publishes, commit, 100 acks.
@@ -126,6 +127,28 @@ fn watermark_transaction(watermark: &mut Watermark, commit: &mut u64) {
     for _ in 0..100 {
         black_box(watermark.acked());
     }
+}
+
+/// The streams of an account like the benchmark's: the checkpoint bucket, the outbox, a dead
+/// letter stream.
+fn fence() -> Fence {
+    Fence::new([
+        (
+            "KV_outbox_cdc".to_owned(),
+            vec!["$KV.outbox_cdc.>".to_owned()],
+        ),
+        ("OUTBOX".to_owned(), vec!["outbox.>".to_owned()]),
+        ("DEAD".to_owned(), vec!["dead.outbox".to_owned()]),
+    ])
+}
+
+const SUBJECT: &str = "outbox.order.created";
+
+/// What fencing adds before a publish: the subject's stream and a copy of the predecessor's id
+/// for the expectation header. (Recording the publish afterwards moves the event's own id.)
+fn fence_expectation(fence: &mut Fence) -> Option<async_nats::HeaderValue> {
+    let stream = fence.stream_of(SUBJECT)?;
+    fence.expected_last(stream).cloned()
 }
 
 fn hot_path(c: &mut Criterion) {
@@ -148,6 +171,20 @@ fn hot_path(c: &mut Criterion) {
             black_box(map(&mapping, &frame, &txn));
         })
     );
+    let mut fenced = fence();
+    let stream = fenced
+        .stream_of(SUBJECT)
+        .expect("a stream captures the subject");
+    fenced.sent(
+        stream,
+        "0b9f6a52-3f4c-4c39-9a53-7c1b2f0e8d11".parse().expect("id"),
+    );
+    println!(
+        "  fence expectation        {:>6.2}",
+        allocations_per_call(|| {
+            black_box(fence_expectation(&mut fenced));
+        })
+    );
     println!(
         "  watermark (per event)    {:>6.2}",
         allocations_per_call(|| watermark_transaction(&mut watermark, &mut commit)) / 100.0
@@ -158,6 +195,9 @@ fn hot_path(c: &mut Criterion) {
     group.bench_function("decode_insert", |b| b.iter(|| decode(black_box(&frame))));
     group.bench_function("decode_map_label", |b| {
         b.iter(|| map(&mapping, black_box(&frame), &txn))
+    });
+    group.bench_function("fence_expectation", |b| {
+        b.iter(|| fence_expectation(black_box(&mut fenced)))
     });
     group.finish();
 

@@ -137,6 +137,13 @@ pub struct RunArgs {
           value_parser = clap::value_parser!(u32).range(1..=65536))]
     pub max_in_flight: u32,
 
+    /// Do not name each publish's predecessor in its stream (`Nats-Expected-Last-Msg-Id`). Fencing
+    /// keeps commit order when a publish is lost while a later one is stored (a JetStream
+    /// cluster's stream leader changing); it needs the outbox's streams to be written by
+    /// outbox-cdc alone. Turn it off for streams other publishers write into.
+    #[arg(long, env = "OUTBOX_CDC_NO_FENCING")]
+    pub no_fencing: bool,
+
     /// Create this JetStream stream, capturing the template's subjects, when it does not exist.
     /// Without it, streams are yours to create.
     #[arg(long, env = "OUTBOX_CDC_STREAM")]
@@ -685,6 +692,7 @@ impl RunArgs {
                 duplicate_window: self.duplicate_window,
                 ack_timeout: self.ack_timeout,
                 max_in_flight: self.max_in_flight as usize,
+                fencing: !self.no_fencing,
             },
             pipeline: PipelineSettings {
                 on_error,

@@ -1,9 +1,15 @@
 //! `--on-error dead-letter`: a row that cannot be published as itself — it cannot be mapped, its
 //! payload is over the server's `max_payload`, no stream captures its subject, or JetStream
-//! refuses the message itself — is published
-//! to the dead-letter subject instead, with headers saying why, and the pipeline goes on in order.
-//! With `--on-error fail` (the default) the same rows stop the process instead; never is one
-//! skipped silently.
+//! refuses the message itself — is published to the dead-letter subject instead, in its place
+//! in commit order, with headers saying why, and the pipeline goes on. With `--on-error fail`
+//! (the default) the same rows stop the process instead; never is one skipped silently.
+//!
+//! The last two are only known when JetStream answers, after later rows went out. Such a row is
+//! remembered in [`RefusedRows`] and the session restarts: the next one re-reads from the slot
+//! and publishes the dead letter where the row was, and re-sends the rows after it (which
+//! fencing made JetStream refuse, as their predecessor was not stored).
+
+use std::collections::BTreeMap;
 
 use async_nats::HeaderMap;
 use async_nats::header::HeaderValue;
@@ -105,6 +111,58 @@ impl PoisonRow {
     }
 }
 
+/// Rows JetStream refused at their ack, remembered across sessions of this process by commit
+/// LSN and event id, so that the next session dead-letters them in their place.
+#[derive(Debug, Default)]
+pub struct RefusedRows {
+    by_commit: BTreeMap<Lsn, Vec<RefusedRow>>,
+}
+
+#[derive(Debug)]
+struct RefusedRow {
+    event_id: String,
+    kind: PoisonKind,
+    reason: String,
+}
+
+impl RefusedRows {
+    pub fn insert(&mut self, commit_lsn: Lsn, event_id: String, kind: PoisonKind, reason: String) {
+        self.by_commit
+            .entry(commit_lsn)
+            .or_default()
+            .push(RefusedRow {
+                event_id,
+                kind,
+                reason,
+            });
+    }
+
+    /// Why the row `event_id` of the transaction committed at `commit_lsn` was refused, if it was.
+    pub fn get(&self, commit_lsn: Lsn, event_id: &str) -> Option<(PoisonKind, &str)> {
+        if self.by_commit.is_empty() {
+            return None;
+        }
+        self.by_commit
+            .get(&commit_lsn)?
+            .iter()
+            .find(|row| row.event_id == event_id)
+            .map(|row| (row.kind, row.reason.as_str()))
+    }
+
+    /// Forgets the rows of transactions that committed before `lsn`: no session reads them again.
+    pub fn forget_before(&mut self, lsn: Lsn) {
+        self.by_commit = self.by_commit.split_off(&lsn);
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_commit.values().map(Vec::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_commit.is_empty()
+    }
+}
+
 /// A header value from any text: line breaks and other control characters become spaces,
 /// and very long text is cut, so the dead letter itself is always publishable.
 fn header_value(text: &str) -> HeaderValue {
@@ -168,6 +226,45 @@ mod tests {
             event.headers.get(HEADER_PAYLOAD_SIZE).map(|v| v.as_str()),
             Some("5000")
         );
+    }
+
+    #[test]
+    fn refused_rows_are_found_by_commit_and_id_until_forgotten() {
+        let mut refused = RefusedRows::default();
+        assert_eq!(refused.get(Lsn::new(10), "a"), None);
+        refused.insert(
+            Lsn::new(10),
+            "a".into(),
+            PoisonKind::NoStream,
+            "no stream".into(),
+        );
+        refused.insert(
+            Lsn::new(10),
+            "b".into(),
+            PoisonKind::Rejected,
+            "too big".into(),
+        );
+        refused.insert(
+            Lsn::new(20),
+            "a".into(),
+            PoisonKind::Rejected,
+            "again".into(),
+        );
+        assert_eq!(
+            refused.get(Lsn::new(10), "b"),
+            Some((PoisonKind::Rejected, "too big"))
+        );
+        assert_eq!(refused.get(Lsn::new(10), "c"), None);
+        assert_eq!(refused.get(Lsn::new(15), "a"), None);
+        assert_eq!(refused.len(), 3);
+        refused.forget_before(Lsn::new(11));
+        assert_eq!(refused.get(Lsn::new(10), "a"), None);
+        assert_eq!(
+            refused.get(Lsn::new(20), "a"),
+            Some((PoisonKind::Rejected, "again"))
+        );
+        refused.forget_before(Lsn::new(21));
+        assert!(refused.is_empty());
     }
 
     #[test]

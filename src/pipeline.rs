@@ -24,11 +24,11 @@ use async_nats::Subject;
 use tokio::sync::watch;
 
 use crate::Error;
-use crate::dead_letter::{ErrorPolicy, PoisonKind, PoisonRow};
+use crate::dead_letter::{ErrorPolicy, PoisonKind, PoisonRow, RefusedRows};
 use crate::lsn::Lsn;
 use crate::mapping::{MappingConfig, TableMapping, TransactionContext};
 use crate::sink::{
-    Ack, AckError, AckOutcome, Checkpoint, ConnectionLost, JetStreamSink, PublishLabel, SinkError,
+    AckError, AckOutcome, Checkpoint, ConnectionLost, JetStreamSink, PublishLabel, Sent, SinkError,
 };
 use crate::source::pgoutput::{self, Message, SkippedKind};
 use crate::source::{ReplicationStream, SourceError, WalEvent};
@@ -194,11 +194,56 @@ impl ReplayHold {
     }
 }
 
+/// What outlives a session: the replay window's history, the rows JetStream refused at their
+/// ack, which the next session dead-letters in their place, and the event to send unfenced.
+#[derive(Debug)]
+pub struct Carryover {
+    pub hold: ReplayHold,
+    pub refused: RefusedRows,
+    /// (commit LSN, event id) of a publish JetStream refused because the stream's last message
+    /// was not its predecessor, while every publish before it was acked: they are all stored,
+    /// so the next session sends it without naming a predecessor. Else the first new publish of
+    /// every session would be fenced on a re-sent duplicate and be refused again, forever,
+    /// behind a message another publisher stored.
+    pub unfence: Option<(Lsn, String)>,
+}
+
+impl Carryover {
+    pub fn new(hold: ReplayHold) -> Self {
+        Carryover {
+            hold,
+            refused: RefusedRows::default(),
+            unfence: None,
+        }
+    }
+
+    /// Whether the publish of `event_id` (committed at `commit_lsn`) names its predecessor.
+    fn fenced(&mut self, commit_lsn: Lsn, event_id: &str) -> bool {
+        match &self.unfence {
+            Some((lsn, id)) if *lsn == commit_lsn && id == event_id => {
+                self.unfence = None;
+                false
+            }
+            _ => true,
+        }
+    }
+}
+
 /// Why a session ended without an error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SessionEnd {
     /// Shutdown was requested and in-flight acks were drained (or timed out).
     Shutdown { drained: bool },
+    /// JetStream refused a row at its ack; the next session, started at once, publishes its
+    /// dead letter in its place (see [`crate::dead_letter`]).
+    Restart,
+}
+
+/// What the loop does after an ack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Next {
+    Continue,
+    Restart,
 }
 
 #[derive(Debug)]
@@ -228,7 +273,7 @@ pub struct Session<'a> {
     connection_lost: ConnectionLost,
     stats: &'a Stats,
     watermark: Watermark,
-    hold: &'a mut ReplayHold,
+    carry: &'a mut Carryover,
     checkpoint: Option<Checkpoint>,
     skip_before: Lsn,
     /// The open transaction committed before `skip_before`.
@@ -253,7 +298,7 @@ impl<'a> Session<'a> {
         sink: &'a mut JetStreamSink,
         stats: &'a Stats,
         start: SessionStart,
-        hold: &'a mut ReplayHold,
+        carry: &'a mut Carryover,
         checkpoint: Option<Checkpoint>,
     ) -> Self {
         Session {
@@ -263,7 +308,7 @@ impl<'a> Session<'a> {
             sink,
             stats,
             watermark: Watermark::new(start.progress),
-            hold,
+            carry,
             checkpoint,
             skip_before: start.skip_before,
             skipping: false,
@@ -285,19 +330,21 @@ impl<'a> Session<'a> {
         mut self,
         shutdown: &mut watch::Receiver<bool>,
     ) -> (Lsn, Result<SessionEnd, Error>) {
-        let result = self.stream_events(shutdown).await;
-        let result = match result {
-            Ok(()) => Ok(self.drain().await),
+        let result = match self.stream_events(shutdown).await {
+            Ok(Next::Continue) => Ok(self.drain().await),
+            Ok(Next::Restart) => Ok(SessionEnd::Restart),
             Err(err) => Err(err),
         };
         let progress = self.watermark.confirmed();
-        if let Ok(SessionEnd::Shutdown { .. }) = result {
+        if result.is_ok() {
             if let Err(err) = self.save_checkpoint().await {
-                tracing::warn!(error = %err, "could not save the checkpoint at shutdown");
+                tracing::warn!(error = %err, "could not save the checkpoint at the session's end");
             }
+            // Ended cleanly, the walsender releases the slot at once: the next session (or
+            // instance) need not wait for PostgreSQL to notice a dropped connection.
             self.stream
                 .finish(
-                    self.hold.released(),
+                    self.carry.hold.released(),
                     self.settings.shutdown_timeout.max(Duration::from_secs(2)),
                 )
                 .await;
@@ -305,22 +352,32 @@ impl<'a> Session<'a> {
         (progress, result)
     }
 
-    async fn stream_events(&mut self, shutdown: &mut watch::Receiver<bool>) -> Result<(), Error> {
+    /// Streams until shutdown is requested (`Continue`: drain next) or a row must be
+    /// dead-lettered in its place (`Restart`).
+    async fn stream_events(&mut self, shutdown: &mut watch::Receiver<bool>) -> Result<Next, Error> {
         let window = self.settings.max_in_flight.max(1);
         // Proves to /healthz that this loop still turns, busy or idle.
         let mut heartbeat = tokio::time::interval(Duration::from_secs(1));
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
             if *shutdown.borrow() {
-                return Ok(());
+                return Ok(Next::Continue);
             }
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => {}
                 _ = self.connection_lost.wait() => return Err(SinkError::Disconnected.into()),
-                ack = self.sink.next_ack(), if self.sink.in_flight() > 0 => self.on_ack(ack).await?,
+                ack = self.sink.next_ack(), if self.sink.in_flight() > 0 => {
+                    if self.on_ack(ack).await? == Next::Restart {
+                        return Ok(Next::Restart);
+                    }
+                }
                 _ = heartbeat.tick() => self.on_tick().await?,
-                event = self.stream.next(), if self.sink.in_flight() < window => self.on_event(event?).await?,
+                event = self.stream.next(), if self.sink.in_flight() < window => {
+                    if self.on_event(event?).await? == Next::Restart {
+                        return Ok(Next::Restart);
+                    }
+                }
             }
         }
     }
@@ -332,9 +389,13 @@ impl<'a> Session<'a> {
         while self.sink.in_flight() > 0
             && let Ok(ack) = tokio::time::timeout_at(deadline, self.sink.next_ack()).await
         {
-            if let Err(err) = self.on_ack(ack).await {
-                tracing::warn!(error = %err, "a publish failed during shutdown; it will be re-sent on the next start");
-                return SessionEnd::Shutdown { drained: false };
+            match self.on_ack(ack).await {
+                Ok(Next::Continue) => {}
+                Ok(Next::Restart) => return SessionEnd::Shutdown { drained: false },
+                Err(err) => {
+                    tracing::warn!(error = %err, "a publish failed during shutdown; it will be re-sent on the next start");
+                    return SessionEnd::Shutdown { drained: false };
+                }
             }
         }
         SessionEnd::Shutdown {
@@ -342,59 +403,68 @@ impl<'a> Session<'a> {
         }
     }
 
-    async fn on_ack(&mut self, ack: AckOutcome) -> Result<(), Error> {
+    async fn on_ack(&mut self, ack: AckOutcome) -> Result<Next, Error> {
         let label = self
             .labels
             .pop_front()
             .expect("one label per in-flight publish");
         let ack = match ack {
             Ok(ack) => ack,
-            Err(err) => self.on_failed_publish(&label, err).await?,
+            Err(err) => return self.on_failed_publish(&label, err).await,
         };
         if ack.duplicate {
             self.stats.duplicates.inc();
         } else {
             self.stats.published.inc();
+            // Counted once stored: a dead letter re-sent after a restart is a duplicate.
+            if let Some(kind) = label.dead_letter {
+                self.stats.poison_row(kind.as_str(), "dead_letter");
+            }
         }
         self.stats.in_flight.set(self.sink.in_flight() as u64);
         if self.watermark.acked() {
             self.stats.transaction_acked(label.commit_time);
             self.confirm();
         }
-        Ok(())
+        Ok(Next::Continue)
     }
 
-    /// A publish JetStream refused. With a dead-letter subject, an event no stream captures is
-    /// dead-lettered here, and its ack awaited before the next ack is looked at, so the
-    /// watermark never passes an event that is in neither place.
+    /// A publish JetStream refused. A row it can never take — no stream captures its subject,
+    /// or it refuses the message itself — is, with a dead-letter subject, remembered, and the
+    /// session restarts: the next one publishes its dead letter in its place and re-sends what
+    /// followed it. The watermark never passes a row that is in neither place.
     async fn on_failed_publish(
         &mut self,
         label: &PublishLabel,
         err: AckError,
-    ) -> Result<Ack, Error> {
+    ) -> Result<Next, Error> {
         let err = self.sink.ack_error(label, err).await;
         self.stats.publish_error(err.kind());
         let kind = match &err {
             SinkError::NoStream { .. } => PoisonKind::NoStream,
             SinkError::Rejected { .. } => PoisonKind::Rejected,
+            SinkError::Fenced { .. } => {
+                // Acks come in publish order: every publish before this one is stored.
+                self.carry.unfence = Some((label.commit_lsn, label.event_id.clone()));
+                return Err(err.into());
+            }
             _ => return Err(err.into()),
         };
-        let Some((table, payload)) = &label.dead_letter else {
+        // A dead letter JetStream refuses has nothing left to fall back to.
+        if label.dead_letter.is_some() || self.settings.on_error == ErrorPolicy::Fail {
             self.stats.poison_row(kind.as_str(), "fail");
             return Err(err.into());
-        };
-        let row = PoisonRow {
+        }
+        tracing::warn!(kind = kind.as_str(), event_id = %label.event_id, subject = %label.subject,
+            commit_lsn = %label.commit_lsn, reason = %err,
+            "JetStream refused a row at its ack: restarting the session to publish its dead letter in its place");
+        self.carry.refused.insert(
+            label.commit_lsn,
+            label.event_id.clone(),
             kind,
-            reason: err.to_string(),
-            table: table.to_string(),
-            event_id: label.event_id.clone(),
-            subject: Some(label.subject.to_string()),
-            commit_lsn: label.commit_lsn,
-            payload_size: payload.len(),
-            payload: payload.clone(),
-        };
-        let (event, dead_letter) = self.dead_letter_or_fail(row, err.into(), label.commit_time)?;
-        Ok(self.sink.publish_and_wait(event, &dead_letter).await?)
+            err.to_string(),
+        );
+        Ok(Next::Restart)
     }
 
     /// With `--on-error dead-letter`, the dead letter to publish for `row`; else `err`.
@@ -408,22 +478,31 @@ impl<'a> Session<'a> {
             self.stats.poison_row(row.kind.as_str(), "fail");
             return Err(err);
         };
-        self.stats.poison_row(row.kind.as_str(), "dead_letter");
+        Ok(self.dead_letter(row, subject, commit_time))
+    }
+
+    /// The dead letter of `row` on `subject`, logged (and counted once it is stored).
+    fn dead_letter(
+        &self,
+        row: PoisonRow,
+        subject: &str,
+        commit_time: std::time::SystemTime,
+    ) -> (crate::mapping::OutboxEvent, PublishLabel) {
         tracing::warn!(kind = row.kind.as_str(), event_id = %row.event_id, table = %row.table,
             subject = row.subject.as_deref().unwrap_or("-"), commit_lsn = %row.commit_lsn,
             reason = %row.reason, dead_letter_subject = %subject,
             "published a row that cannot be published as itself to the dead-letter subject");
         let label = PublishLabel {
-            subject: Subject::from(subject.as_str()),
+            subject: Subject::from(subject),
             event_id: row.event_id.clone(),
             commit_lsn: row.commit_lsn,
             commit_time,
-            dead_letter: None,
+            dead_letter: Some(row.kind),
         };
-        Ok((
+        (
             row.into_dead_letter(subject, self.sink.max_payload()),
             label,
-        ))
+        )
     }
 
     fn push_in_flight(&mut self, label: PublishLabel) {
@@ -432,7 +511,7 @@ impl<'a> Session<'a> {
         self.watermark.published();
     }
 
-    async fn on_event(&mut self, event: WalEvent) -> Result<(), Error> {
+    async fn on_event(&mut self, event: WalEvent) -> Result<Next, Error> {
         match event {
             WalEvent::Begin {
                 commit_lsn,
@@ -443,7 +522,7 @@ impl<'a> Session<'a> {
                 self.transaction = Some(TransactionContext::new(commit_lsn, commit_time_micros));
                 self.row_index = 0;
             }
-            WalEvent::Data(frame) => self.on_message(frame).await?,
+            WalEvent::Data(frame) => return self.on_message(frame).await,
             WalEvent::Commit { end_lsn } => {
                 let transaction = self.transaction.take();
                 let commit_lsn = transaction.as_ref().map_or(end_lsn, |t| t.commit_lsn);
@@ -463,10 +542,10 @@ impl<'a> Session<'a> {
                 }
             }
         }
-        Ok(())
+        Ok(Next::Continue)
     }
 
-    async fn on_message(&mut self, frame: bytes::Bytes) -> Result<(), Error> {
+    async fn on_message(&mut self, frame: bytes::Bytes) -> Result<Next, Error> {
         let message = pgoutput::decode(&frame).map_err(|e| SourceError::Replication {
             detail: e.to_string(),
             transient: false,
@@ -493,19 +572,35 @@ impl<'a> Session<'a> {
                 };
                 if self.skipping {
                     self.stats.skipped_before_start();
-                    return Ok(());
+                    return Ok(Next::Continue);
                 }
                 let row_index = self.row_index;
                 self.row_index += 1;
-                let keep_for_dead_letter = self.settings.on_error != ErrorPolicy::Fail;
-                let commit_time = txn.commit_time;
-                let mapped = match mapping.map(&insert.tuple, &frame, txn, row_index) {
+                let settings = self.settings;
+                let (commit_lsn, commit_time) = (txn.commit_lsn, txn.commit_time);
+                let (event, label) = match mapping.map(&insert.tuple, &frame, txn, row_index) {
                     Ok(event) => {
-                        let dead_letter = keep_for_dead_letter
-                            .then(|| (mapping.table_shared(), event.payload.clone()));
-                        let label =
-                            PublishLabel::new(&event, txn.commit_lsn, commit_time, dead_letter);
-                        Ok((event, label))
+                        let label = PublishLabel::new(&event, commit_lsn, commit_time);
+                        match (
+                            self.carry.refused.get(commit_lsn, &label.event_id),
+                            &settings.on_error,
+                        ) {
+                            // JetStream refused it at its ack in an earlier session.
+                            (Some((kind, reason)), ErrorPolicy::DeadLetter { subject }) => {
+                                let row = PoisonRow {
+                                    kind,
+                                    reason: reason.to_owned(),
+                                    table: mapping.table().to_owned(),
+                                    event_id: label.event_id,
+                                    subject: Some(event.subject),
+                                    commit_lsn,
+                                    payload_size: event.payload.len(),
+                                    payload: event.payload,
+                                };
+                                self.dead_letter(row, subject, commit_time)
+                            }
+                            _ => (event, label),
+                        }
                     }
                     Err(unmappable) => {
                         let payload = mapping.raw_payload(&insert.tuple, &frame);
@@ -519,15 +614,12 @@ impl<'a> Session<'a> {
                             payload_size: payload.len(),
                             payload,
                         };
-                        Err((row, Error::from(unmappable)))
+                        self.dead_letter_or_fail(row, unmappable.into(), commit_time)?
                     }
                 };
-                let (event, label) = match mapped {
-                    Ok(mapped) => mapped,
-                    Err((row, err)) => self.dead_letter_or_fail(row, err, commit_time)?,
-                };
-                match self.sink.publish(event, &label).await {
-                    Ok(()) => {}
+                let fenced = self.carry.fenced(label.commit_lsn, &label.event_id);
+                let sent = match self.sink.publish(event, &label, fenced).await {
+                    Ok(sent) => sent,
                     Err(err) => {
                         self.stats.publish_error(err.kind());
                         let SinkError::TooLarge { size, .. } = &err else {
@@ -536,24 +628,26 @@ impl<'a> Session<'a> {
                         let row = PoisonRow {
                             kind: PoisonKind::TooLarge,
                             reason: err.to_string(),
-                            table: label
-                                .dead_letter
-                                .as_ref()
-                                .map_or_else(String::new, |(table, _)| table.to_string()),
+                            table: self
+                                .tables
+                                .get(&insert.relation_id)
+                                .map_or_else(String::new, |m| m.table().to_owned()),
                             event_id: label.event_id.clone(),
                             subject: Some(label.subject.to_string()),
                             commit_lsn: label.commit_lsn,
                             payload: bytes::Bytes::new(),
                             payload_size: *size,
                         };
-                        let (event, label) =
+                        let (event, dead_letter) =
                             self.dead_letter_or_fail(row, err.into(), commit_time)?;
-                        self.sink.publish(event, &label).await?;
-                        self.push_in_flight(label);
-                        return Ok(());
+                        // In the refused event's place, fenced as it would have been.
+                        let sent = self.sink.publish(event, &dead_letter, fenced).await?;
+                        self.push_in_flight(dead_letter);
+                        return self.after_sent(sent).await;
                     }
                 };
                 self.push_in_flight(label);
+                return self.after_sent(sent).await;
             }
             Message::Skipped(kind) => {
                 self.stats.skipped(kind);
@@ -562,14 +656,34 @@ impl<'a> Session<'a> {
                 }
             }
         }
-        Ok(())
+        Ok(Next::Continue)
+    }
+
+    /// A publish that nothing is fenced on (see [`Sent::AwaitAck`]) is waited for, with every
+    /// other in flight, before the next goes out.
+    async fn after_sent(&mut self, sent: Sent) -> Result<Next, Error> {
+        if sent == Sent::Pipelined {
+            return Ok(Next::Continue);
+        }
+        while self.sink.in_flight() > 0 {
+            tokio::select! {
+                biased;
+                _ = self.connection_lost.wait() => return Err(SinkError::Disconnected.into()),
+                ack = self.sink.next_ack() => {
+                    if self.on_ack(ack).await? == Next::Restart {
+                        return Ok(Next::Restart);
+                    }
+                }
+            }
+        }
+        Ok(Next::Continue)
     }
 
     /// Once a second: proof of life for /healthz, the replay hold's release, the checkpoint.
     async fn on_tick(&mut self) -> Result<(), Error> {
         self.stats.beat();
         let now = Instant::now();
-        if self.hold.release(now) {
+        if self.carry.hold.release(now) {
             self.report();
         }
         self.log_progress(now);
@@ -587,7 +701,7 @@ impl<'a> Session<'a> {
             }
         };
         if due {
-            tracing::info!(last_acked_commit_lsn = %commit, confirmed_lsn = %self.hold.released(),
+            tracing::info!(last_acked_commit_lsn = %commit, confirmed_lsn = %self.carry.hold.released(),
                 "progress: every transaction up to this commit LSN is in JetStream");
             self.logged_commit = Some((now, commit));
         }
@@ -603,8 +717,8 @@ impl<'a> Session<'a> {
     /// The watermark moved: record it, and report what the replay window lets go.
     fn confirm(&mut self) {
         let now = Instant::now();
-        self.hold.record(now, self.watermark.confirmed());
-        self.hold.release(now);
+        self.carry.hold.record(now, self.watermark.confirmed());
+        self.carry.hold.release(now);
         self.report();
         if let Some(commit) = self.watermark.last_acked_commit() {
             self.stats.last_acked_commit_lsn.set(commit.as_u64());
@@ -612,7 +726,7 @@ impl<'a> Session<'a> {
     }
 
     fn report(&mut self) {
-        let lsn = self.hold.released();
+        let lsn = self.carry.hold.released();
         self.stream.confirm(lsn);
         self.stats.confirmed_lsn.set(lsn.as_u64());
     }

@@ -18,7 +18,7 @@ use crate::Error;
 use crate::config::RunConfig;
 use crate::lsn::Lsn;
 use crate::mapping::TableMapping;
-use crate::pipeline::{ReplayHold, Session, SessionEnd, SessionStart};
+use crate::pipeline::{Carryover, ReplayHold, Session, SessionEnd, SessionStart};
 use crate::sink::{Checkpoint, JetStreamSink};
 use crate::source::{Catalog, ReplicationStream, SourceError};
 use crate::stats::Stats;
@@ -43,7 +43,7 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), Error> {
     let mut supervisor = Supervisor {
-        hold: ReplayHold::new(config.replay.window, Lsn::ZERO),
+        carry: Carryover::new(ReplayHold::new(config.replay.window, Lsn::ZERO)),
         config,
         stats,
         catalog: None,
@@ -61,7 +61,7 @@ pub async fn run(
         match supervisor.session(&mut shutdown).await {
             Ok(SessionEnd::Shutdown { drained }) => {
                 tracing::info!(
-                    confirmed_lsn = %supervisor.hold.released(),
+                    confirmed_lsn = %supervisor.carry.hold.released(),
                     last_acked_commit_lsn = %Lsn::new(stats.last_acked_commit_lsn.get()),
                     drained,
                     published = stats.published.get(),
@@ -70,6 +70,8 @@ pub async fn run(
                 );
                 return Ok(());
             }
+            // Not a failure: the backoff is left as it is.
+            Ok(SessionEnd::Restart) => {}
             Err(Error::Source(SourceError::SlotBusy { slot, pid })) => {
                 supervisor.standby(&slot, pid);
                 if sleep_or_shutdown(supervisor.config.standby_retry, &mut shutdown).await {
@@ -112,8 +114,8 @@ struct Supervisor<'a> {
     catalog: Option<Catalog>,
     /// The newest position known durable downstream in this process (never below the slot's).
     progress: Lsn,
-    /// What PostgreSQL is told, held back by the replay window.
-    hold: ReplayHold,
+    /// What PostgreSQL is told (held back by the replay window), and rows to dead-letter in place.
+    carry: Carryover,
     /// Transactions that committed before this are not published again.
     skip_before: Lsn,
     /// A session has streamed: --start-lsn and the checkpoint applied to the first one.
@@ -178,14 +180,15 @@ impl Supervisor<'_> {
                 (None, Some(saved)) => saved,
                 (None, None) => Lsn::ZERO,
             };
-            self.hold = ReplayHold::new(replay.window, slot_lsn);
+            self.carry.hold = ReplayHold::new(replay.window, slot_lsn);
             tracing::info!(slot_confirmed_lsn = %slot_lsn, checkpoint = ?saved.map(|l| l.to_string()),
                 skip_before = %self.skip_before, "start position");
         }
         self.progress = self.progress.max(slot_lsn);
         self.skip_before = self.skip_before.max(self.progress);
+        self.carry.refused.forget_before(self.skip_before);
 
-        let stream = ReplicationStream::start(source, self.hold.released(), catalog).await?;
+        let stream = ReplicationStream::start(source, self.carry.hold.released(), catalog).await?;
         self.streamed = true;
         if self.role != Role::Leader {
             tracing::info!(slot = %source.slot, from = %slot_lsn,
@@ -203,7 +206,7 @@ impl Supervisor<'_> {
             &mut sink,
             self.stats,
             start,
-            &mut self.hold,
+            &mut self.carry,
             checkpoint,
         );
         let (progress, result) = session.run(shutdown).await;

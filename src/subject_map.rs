@@ -175,6 +175,37 @@ impl SubjectMap {
     }
 }
 
+/// A NATS subject filter (`orders.*`, `outbox.>`), as a stream lists its subjects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubjectFilter(Vec<Token>);
+
+impl FromStr for SubjectFilter {
+    type Err = String;
+
+    fn from_str(filter: &str) -> Result<Self, Self::Err> {
+        tokens(filter).map(SubjectFilter)
+    }
+}
+
+impl SubjectFilter {
+    /// Whether `subject` (a subject to publish on, without wildcards) is captured by the filter.
+    pub fn matches(&self, subject: &str) -> bool {
+        let mut parts = subject.split('.');
+        for token in &self.0 {
+            let Some(part) = parts.next() else {
+                return false;
+            };
+            match token {
+                Token::Rest => return true,
+                Token::One => {}
+                Token::Literal(literal) if literal == part => {}
+                Token::Literal(_) => return false,
+            }
+        }
+        parts.next().is_none()
+    }
+}
+
 /// Adds `filter` to `filters` unless one of them covers it already (a stream may not list
 /// overlapping subjects); filters it covers are dropped.
 pub fn add_capture_filter(filters: &mut Vec<String>, filter: &str) {
@@ -275,6 +306,21 @@ mod tests {
             let err = rule.parse::<SubjectRule>().unwrap_err().to_string();
             assert!(err.contains(needle), "{rule}: {err}");
         }
+    }
+
+    #[test]
+    fn filters_match_subjects_like_nats_does() {
+        let filter = |f: &str| f.parse::<SubjectFilter>().unwrap();
+        assert!(filter("outbox.>").matches("outbox.order.created"));
+        assert!(filter("outbox.>").matches("outbox.x"));
+        assert!(!filter("outbox.>").matches("outbox"), "`>` needs a token");
+        assert!(!filter("outbox.>").matches("other.order"));
+        assert!(filter("a.*.c").matches("a.b.c"));
+        assert!(!filter("a.*.c").matches("a.b.c.d"));
+        assert!(!filter("a.*.c").matches("a.b"));
+        assert!(filter("a.b").matches("a.b"));
+        assert!(!filter("a.b").matches("a.bb"));
+        assert!("a..b".parse::<SubjectFilter>().is_err());
     }
 
     #[test]

@@ -26,16 +26,18 @@ async fn narrow_stream(env: &TestEnv) -> String {
     dead
 }
 
+/// One outbox row, as an INSERT statement.
+fn row(aggregate_type: &str, id: &str, payload: &str, headers: &str) -> String {
+    format!(
+        "INSERT INTO outbox (id, aggregate_type, aggregate_id, event_type, payload, headers)
+         VALUES ('{id}', '{aggregate_type}', 'a', 'created', {payload}, {headers});"
+    )
+}
+
 async fn insert(env: &TestEnv, aggregate_type: &str, id: &str, payload: &str, headers: &str) {
     env.sql()
         .await
-        .execute(
-            &format!(
-                "INSERT INTO outbox (id, aggregate_type, aggregate_id, event_type, payload, headers)
-                 VALUES ($1::text::uuid, $2, 'a', 'created', {payload}, {headers})"
-            ),
-            &[&id, &aggregate_type],
-        )
+        .batch_execute(&row(aggregate_type, id, payload, headers))
         .await
         .expect("insert");
 }
@@ -45,6 +47,7 @@ const UNMAPPABLE: &str = "00000000-0000-0000-0000-000000000002";
 const TOO_LARGE: &str = "00000000-0000-0000-0000-000000000003";
 const NO_STREAM: &str = "00000000-0000-0000-0000-000000000004";
 const GOOD_2: &str = "00000000-0000-0000-0000-000000000005";
+const REJECTED: &str = "00000000-0000-0000-0000-000000000006";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poison_rows_go_to_the_dead_letter_subject_and_the_pipeline_goes_on() {
@@ -64,11 +67,26 @@ async fn poison_rows_go_to_the_dead_letter_subject_and_the_pipeline_goes_on() {
         "NULL",
     )
     .await;
-    insert(&env, "invoice", NO_STREAM, "'{\"n\":4}'", "NULL").await;
-    insert(&env, "order", GOOD_2, "'{\"n\":5}'", "NULL").await;
+    // One transaction, so that the rows after REJECTED go out before its ack says that
+    // JetStream refused it (headers over 64 KiB).
+    let rows = [
+        row(
+            "order",
+            REJECTED,
+            "'{\"n\":6}'",
+            "jsonb_build_object('x-big', repeat('v', 70000))",
+        ),
+        row("invoice", NO_STREAM, "'{\"n\":4}'", "NULL"),
+        row("order", GOOD_2, "'{\"n\":5}'", "NULL"),
+    ];
+    env.sql()
+        .await
+        .batch_execute(&format!("BEGIN; {} COMMIT;", rows.concat()))
+        .await
+        .expect("insert");
 
     let js = env.jetstream().await;
-    wait_for_messages(&js, &env.stream, 5, Duration::from_secs(30), || {
+    wait_for_messages(&js, &env.stream, 6, Duration::from_secs(30), || {
         publisher.log()
     })
     .await;
@@ -79,16 +97,19 @@ async fn poison_rows_go_to_the_dead_letter_subject_and_the_pipeline_goes_on() {
             .position(|m| m.id == id || header(m, "Outbox-Event-Id") == Some(id))
             .unwrap_or_else(|| panic!("{id} is in neither place: {messages:#?}"))
     };
-    // In commit order, except that a subject no stream captures is only known at its ack, so
-    // its dead letter may follow events published meanwhile.
-    assert!(by_event(GOOD_1) < by_event(UNMAPPABLE));
-    assert!(by_event(UNMAPPABLE) < by_event(TOO_LARGE));
-    assert!(by_event(TOO_LARGE) < by_event(GOOD_2));
+    // Every dead letter in its row's place, also those only an ack could tell: the message
+    // JetStream refused (the publishes after it were fenced on it and refused too, and the
+    // session restarted to put the dead letter in its place), and the subject no stream
+    // captures (nothing is fenced on it, so nothing went out after it before its ack).
+    let order = [GOOD_1, UNMAPPABLE, TOO_LARGE, REJECTED, NO_STREAM, GOOD_2].map(by_event);
+    assert!(order.is_sorted(), "commit order: {order:?}");
+    assert_eq!(messages.len(), 6, "each once: {messages:#?}");
 
     for (id, kind, original, body) in [
         (UNMAPPABLE, "unmappable", true, Some(&b"{\"n\": 2}"[..])),
         (TOO_LARGE, "too_large", true, Some(&b""[..])),
         (NO_STREAM, "no_stream", true, Some(&b"{\"n\": 4}"[..])),
+        (REJECTED, "rejected", true, Some(&b"{\"n\": 6}"[..])),
     ] {
         let m = &messages[by_event(id)];
         assert_eq!(m.subject, dead, "{m:#?}");
@@ -117,7 +138,7 @@ async fn poison_rows_go_to_the_dead_letter_subject_and_the_pipeline_goes_on() {
         1.0,
     )
     .await;
-    for kind in ["unmappable", "too_large"] {
+    for kind in ["unmappable", "too_large", "rejected"] {
         let name =
             format!("outbox_cdc_poison_rows_total{{kind=\"{kind}\",action=\"dead_letter\"}}");
         assert_eq!(metric(&text, &name), Some(1.0), "{text}");

@@ -13,7 +13,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::{self, stream};
 use async_nats::{Event, Subject};
 use tokio::sync::watch;
@@ -23,8 +22,10 @@ use crate::mapping::OutboxEvent;
 use crate::secret::Secret;
 
 mod acks;
+mod fence;
 
 pub use acks::{Ack, AckError, AckOutcome};
+pub use fence::Fence;
 
 /// Duplicate windows shorter than this warn at start: a restart or failover slower than the window
 /// would re-publish events JetStream no longer recognises.
@@ -41,6 +42,9 @@ pub struct SinkConfig {
     pub duplicate_window: Duration,
     pub ack_timeout: Duration,
     pub max_in_flight: usize,
+    /// Name each publish's predecessor in its stream (`Nats-Expected-Last-Msg-Id`); see
+    /// [`fence`].
+    pub fencing: bool,
 }
 
 /// How to authenticate to NATS and verify it, besides credentials in the URL
@@ -219,6 +223,20 @@ pub enum SinkError {
         commit_lsn: String,
         detail: String,
     },
+    /// The stream's last message was not the publish before this one: that one was lost, or
+    /// another publisher wrote into the stream. Transient: the session restarts from the slot.
+    #[error(
+        "JetStream refused event `{event_id}` (subject `{subject}`, commit LSN {commit_lsn}) because the message \
+         before it in the stream is not the one outbox-cdc published before it ({detail}): a publish was lost on \
+         the way (e.g. in a stream leader change) or another publisher wrote into the stream; re-sending from the \
+         slot, in order. If other publishers share this stream, run with --no-fencing"
+    )]
+    Fenced {
+        event_id: String,
+        subject: String,
+        commit_lsn: String,
+        detail: String,
+    },
     #[error(
         "publishing event `{event_id}` (subject `{subject}`, commit LSN {commit_lsn}) failed: {detail}"
     )]
@@ -239,7 +257,8 @@ impl SinkError {
             }
             SinkError::Disconnected
             | SinkError::Checkpoint { .. }
-            | SinkError::StreamUnavailable(_) => true,
+            | SinkError::StreamUnavailable(_)
+            | SinkError::Fenced { .. } => true,
             SinkError::Stream(_)
             | SinkError::NoStream { .. }
             | SinkError::TooLarge { .. }
@@ -257,6 +276,7 @@ impl SinkError {
             SinkError::NoStream { .. } => "no_stream",
             SinkError::TooLarge { .. } => "too_large",
             SinkError::Rejected { .. } => "rejected",
+            SinkError::Fenced { .. } => "fenced",
             SinkError::Publish { .. } => "publish",
         }
     }
@@ -440,6 +460,17 @@ impl ConnectionLost {
     }
 }
 
+/// How a publish went out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sent {
+    /// Fenced within its stream, or fencing is off: the next publish may follow at once.
+    Pipelined,
+    /// Fencing is on, but no stream of the account is known to capture the subject, so nothing
+    /// after it can be fenced on it: if no stream takes it, a publish sent after it could be
+    /// stored before its dead letter. Nothing may follow it before its ack.
+    AwaitAck,
+}
+
 /// Identifies a publish in error messages.
 #[derive(Debug, Clone)]
 pub struct PublishLabel {
@@ -447,9 +478,9 @@ pub struct PublishLabel {
     pub event_id: String,
     pub commit_lsn: crate::lsn::Lsn,
     pub commit_time: std::time::SystemTime,
-    /// The event's table and body, kept until the ack only with `--on-error dead-letter`, so a
-    /// publish that no stream accepts can still be dead-lettered whole.
-    pub dead_letter: Option<(std::sync::Arc<str>, bytes::Bytes)>,
+    /// Set on a dead letter (with why its row became one), not an event: a dead letter that
+    /// cannot be published has nothing left to fall back to.
+    pub dead_letter: Option<crate::dead_letter::PoisonKind>,
 }
 
 impl PublishLabel {
@@ -458,14 +489,13 @@ impl PublishLabel {
         event: &OutboxEvent,
         commit_lsn: crate::lsn::Lsn,
         commit_time: std::time::SystemTime,
-        dead_letter: Option<(std::sync::Arc<str>, bytes::Bytes)>,
     ) -> Self {
         PublishLabel {
             subject: Subject::from(event.subject.as_str()),
             event_id: event.id.as_str().to_owned(),
             commit_lsn,
             commit_time,
-            dead_letter,
+            dead_letter: None,
         }
     }
 }
@@ -475,6 +505,9 @@ pub struct JetStreamSink {
     /// For stream management, the checkpoint and dead letters; events go out through `acks`.
     context: jetstream::Context,
     acks: acks::Acks,
+    fence: Fence,
+    /// A publish went out with fencing on but no stream known for its subject (warned once).
+    warned_unfenced: bool,
     ack_timeout: Duration,
     disconnected: watch::Receiver<bool>,
 }
@@ -560,14 +593,16 @@ impl JetStreamSink {
             client,
             context,
             acks,
+            fence: Fence::off(),
+            warned_unfenced: false,
             ack_timeout: config.ack_timeout,
             disconnected,
         })
     }
 
-    /// Creates the configured stream if missing, then checks the duplicate window of the streams
-    /// that will receive our subjects.
-    pub async fn prepare(&self, config: &SinkConfig) -> Result<(), SinkError> {
+    /// Creates the configured stream if missing, checks the duplicate window of the streams
+    /// that will receive our subjects, and (with fencing) learns every stream's subjects.
+    pub async fn prepare(&mut self, config: &SinkConfig) -> Result<(), SinkError> {
         if let Some(name) = &config.stream {
             match self.context.get_stream(name).await {
                 Ok(_) => {}
@@ -640,21 +675,63 @@ impl JetStreamSink {
                 tracing::info!(stream = %name, duplicate_window = ?window, "JetStream stream ready");
             }
         }
+        if config.fencing {
+            self.fence = self.read_fence().await?;
+        }
         Ok(())
     }
 
+    /// Every stream of the account with its subjects: publishes are fenced within the stream
+    /// that captures them (subjects never overlap between streams). Streams created later are
+    /// learnt by the next session; until then their subjects go out unfenced.
+    async fn read_fence(&self) -> Result<Fence, SinkError> {
+        use futures::TryStreamExt;
+        let streams: Vec<(String, Vec<String>)> = self
+            .context
+            .streams()
+            .map_ok(|info| (info.config.name, info.config.subjects))
+            .try_collect()
+            .await
+            .map_err(|e| {
+                SinkError::StreamUnavailable(format!(
+                    "listing the streams to fence publishes (`$JS.API.STREAM.LIST`; without that \
+                     permission, run with --no-fencing): {e}"
+                ))
+            })?;
+        let fence = Fence::new(streams);
+        tracing::debug!(streams = ?fence.stream_names().collect::<Vec<_>>(),
+            "fencing publishes with Nats-Expected-Last-Msg-Id");
+        Ok(fence)
+    }
+
     /// Sends one event; its ack comes back, in publish order, from [`JetStreamSink::next_ack`].
+    /// With `fenced`, and fencing on, it names the previous publish into its stream as the
+    /// message the stream must hold last.
     pub async fn publish(
         &mut self,
         event: OutboxEvent,
         label: &PublishLabel,
-    ) -> Result<(), SinkError> {
-        let size = event.payload.len();
+        fenced: bool,
+    ) -> Result<Sent, SinkError> {
+        let OutboxEvent {
+            mut headers,
+            payload,
+            id,
+            ..
+        } = event;
+        let size = payload.len();
+        let stream = self.fence.stream_of(label.subject.as_str());
+        if fenced && let Some(previous) = stream.and_then(|s| self.fence.expected_last(s)) {
+            headers.insert(
+                async_nats::header::NATS_EXPECTED_LAST_MESSAGE_ID,
+                previous.clone(),
+            );
+        }
         let send = self.client.publish_with_reply_and_headers(
             label.subject.clone(),
             self.acks.reply_subject(),
-            event.headers,
-            event.payload,
+            headers,
+            payload,
         );
         // A server that stops reading (frozen, or a black-holed network) fills the client's
         // buffers, and the send waits; the ack timeout bounds that wait too. The timer is only
@@ -678,8 +755,25 @@ impl JetStreamSink {
                 },
                 _ => self.publish_error(label, err.to_string(), true),
             })?;
+        // Only what went out is a predecessor: a message refused before sending (too large) is
+        // not one, and the next publish still expects the one before it.
         self.acks.sent();
-        Ok(())
+        match stream {
+            Some(stream) => self.fence.sent(stream, id),
+            None if self.fence.is_on() => {
+                if !self.warned_unfenced {
+                    self.warned_unfenced = true;
+                    tracing::warn!(subject = %label.subject,
+                        "no stream of this NATS account is known to capture this subject: its publishes \
+                         wait for their ack before the next goes out (slow). A stream created since the \
+                         session started is learnt by the next one; if a stream of another account \
+                         captures these subjects, run with --no-fencing");
+                }
+                return Ok(Sent::AwaitAck);
+            }
+            None => {}
+        }
+        Ok(Sent::Pipelined)
     }
 
     /// The ack of the oldest publish still in flight; pending forever when there is none.
@@ -691,42 +785,6 @@ impl JetStreamSink {
     /// Publishes sent whose ack [`JetStreamSink::next_ack`] has not handed out yet.
     pub fn in_flight(&self) -> usize {
         self.acks.pending()
-    }
-
-    /// Publishes one event and waits for its ack, outside the ordered flow of
-    /// [`JetStreamSink::publish`]: for a dead letter that must be stored before the next ack is
-    /// looked at.
-    pub async fn publish_and_wait(
-        &self,
-        event: OutboxEvent,
-        label: &PublishLabel,
-    ) -> Result<Ack, SinkError> {
-        let publish = jetstream::message::PublishMessage::build()
-            .payload(event.payload)
-            .headers(event.headers);
-        let pending = self
-            .context
-            .send_publish(label.subject.clone(), publish)
-            .await
-            .map_err(|err| self.publish_error(label, err.to_string(), true))?;
-        match pending.await {
-            Ok(ack) => Ok(Ack {
-                duplicate: ack.duplicate,
-            }),
-            Err(err) => {
-                let err = match err.kind() {
-                    PublishErrorKind::StreamNotFound => AckError::NoResponders,
-                    PublishErrorKind::TimedOut => AckError::TimedOut(self.ack_timeout),
-                    _ => match std::error::Error::source(&err)
-                        .and_then(|e| e.downcast_ref::<jetstream::Error>())
-                    {
-                        Some(api) => AckError::JetStream(api.clone()),
-                        None => AckError::Unexpected(err.to_string()),
-                    },
-                };
-                Err(self.ack_error(label, err).await)
-            }
-        }
     }
 
     /// Turns a failed ack into an error that says what to do.
@@ -749,6 +807,16 @@ impl JetStreamSink {
                         }
                     }
                     _ => self.publish_error(label, err.to_string(), true),
+                }
+            }
+            AckError::JetStream(api)
+                if api.error_code() == jetstream::ErrorCode::STREAM_WRONG_LAST_MESSAGE_ID =>
+            {
+                SinkError::Fenced {
+                    event_id: label.event_id.clone(),
+                    subject: label.subject.to_string(),
+                    commit_lsn: label.commit_lsn.to_string(),
+                    detail: api.to_string(),
                 }
             }
             // 400: JetStream refuses this message itself (e.g. headers over 64 KiB); sending it

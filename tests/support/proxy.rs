@@ -89,3 +89,106 @@ impl Drop for TcpProxy {
         self.task.abort();
     }
 }
+
+/// A proxy in front of a NATS server that loses one publish on its way there: the first whose
+/// headers contain `marker`. It stands for a message lost in flight — as a JetStream cluster can
+/// lose one in a stream leader change — while the publishes after it arrive.
+pub struct NatsLossyProxy {
+    port: u16,
+    dropped: Arc<AtomicBool>,
+    task: JoinHandle<()>,
+}
+
+impl NatsLossyProxy {
+    pub async fn start(upstream: u16, marker: &'static str) -> NatsLossyProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let port = listener.local_addr().expect("proxy address").port();
+        let dropped = Arc::new(AtomicBool::new(false));
+        let flag = dropped.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let flag = flag.clone();
+                tokio::spawn(async move {
+                    let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)).await else {
+                        return;
+                    };
+                    let (client_read, mut client_write) = client.into_split();
+                    let (mut server_read, server_write) = server.into_split();
+                    tokio::select! {
+                        _ = forward_losing_one(client_read, server_write, marker, &flag) => {}
+                        _ = tokio::io::copy(&mut server_read, &mut client_write) => {}
+                    }
+                });
+            }
+        });
+        NatsLossyProxy {
+            port,
+            dropped,
+            task,
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Whether the marked publish has been lost yet.
+    pub fn dropped(&self) -> bool {
+        self.dropped.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for NatsLossyProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Copies the client's protocol to the server, frame by frame (`HPUB subject [reply] hdr_len
+/// total_len` and `PUB subject [reply] len` carry a body), leaving out the first `HPUB` whose
+/// headers contain `marker`.
+async fn forward_losing_one(
+    client: tokio::net::tcp::OwnedReadHalf,
+    server: tokio::net::tcp::OwnedWriteHalf,
+    marker: &str,
+    dropped: &AtomicBool,
+) -> std::io::Result<()> {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+    let mut reader = tokio::io::BufReader::new(client);
+    let mut writer = tokio::io::BufWriter::new(server);
+    let mut line = Vec::new();
+    let mut body = Vec::new();
+    loop {
+        line.clear();
+        if reader.read_until(b'\n', &mut line).await? == 0 {
+            return Ok(());
+        }
+        let text = String::from_utf8_lossy(&line);
+        let mut words = text.split_whitespace();
+        let verb = words.next().unwrap_or_default().to_ascii_uppercase();
+        let numbers: Vec<usize> = words.filter_map(|w| w.parse().ok()).collect();
+        let (body_len, header_len) = match (verb.as_str(), numbers.as_slice()) {
+            ("HPUB", [.., header, total]) => (Some(*total), *header),
+            ("PUB", [.., total]) => (Some(*total), 0),
+            _ => (None, 0),
+        };
+        let mut lose = false;
+        if let Some(len) = body_len {
+            body.resize(len + 2, 0);
+            reader.read_exact(&mut body).await?;
+            let headers = String::from_utf8_lossy(&body[..header_len.min(len)]);
+            lose = !dropped.load(Ordering::SeqCst) && headers.contains(marker);
+        }
+        if lose {
+            dropped.store(true, Ordering::SeqCst);
+        } else {
+            writer.write_all(&line).await?;
+            if body_len.is_some() {
+                writer.write_all(&body).await?;
+            }
+        }
+        if reader.buffer().is_empty() {
+            writer.flush().await?;
+        }
+    }
+}
