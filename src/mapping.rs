@@ -208,8 +208,6 @@ pub struct MissingColumn {
 #[derive(Debug, Clone)]
 pub struct TableMapping {
     table: String,
-    /// The same, shared with the labels of in-flight publishes (for dead letters).
-    table_shared: std::sync::Arc<str>,
     table_header: HeaderValue,
     id: Option<usize>,
     payload: usize,
@@ -278,7 +276,6 @@ impl TableMapping {
             .transpose()?;
         let table_header = HeaderValue::from_str(&table).unwrap_or_default();
         Ok(TableMapping {
-            table_shared: table.as_str().into(),
             table,
             table_header,
             id,
@@ -294,10 +291,6 @@ impl TableMapping {
     /// `schema.table`.
     pub fn table(&self) -> &str {
         &self.table
-    }
-
-    pub fn table_shared(&self) -> std::sync::Arc<str> {
-        self.table_shared.clone()
     }
 
     /// Maps one inserted row. `frame` is the XLogData buffer the tuple borrows from, so that a text
