@@ -37,7 +37,7 @@ async fn write_rows_with_one_marked(env: &TestEnv) {
 
 /// Runs the publisher through a proxy that loses the marked publish, with `extra` flags, and
 /// returns the verdict's counts (printed, not judged).
-async fn lose_one_publish(extra: &[&str]) -> (support::faults::Verdict, String) {
+async fn lose_one_publish(extra: &[&str]) -> (support::faults::Verdict, String, Vec<Received>) {
     let mut env = TestEnv::start().await;
     let Some(nats) = env.embedded_nats() else {
         panic!("needs an embedded NATS server behind the proxy");
@@ -82,12 +82,13 @@ async fn lose_one_publish(extra: &[&str]) -> (support::faults::Verdict, String) 
     (
         compare(&scenario, 1, &[], &stream, &committed, &samples),
         log,
+        stream,
     )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_publish_lost_in_flight_is_stored_before_what_followed_it() {
-    let (found, log) = lose_one_publish(&[]).await;
+    let (found, log, stream) = lose_one_publish(&[]).await;
     assert_eq!(
         (
             found.lost,
@@ -103,12 +104,22 @@ async fn a_publish_lost_in_flight_is_stored_before_what_followed_it() {
         log.contains("wrong last msg ID") || log.contains("no ack within the ack timeout"),
         "the session ended on the lost publish: {log}"
     );
+    // The server stores the expectation with the message: each event names the one before it
+    // in the stream, a chain consumers can check for gaps too.
+    for pair in stream.windows(2) {
+        assert_eq!(
+            header(&pair[1], "Nats-Expected-Last-Msg-Id"),
+            Some(pair[0].id.as_str()),
+            "{:?}",
+            pair[1]
+        );
+    }
 }
 
 /// Why fencing is on by default: without it, the re-sent event lands after its successors.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_fencing_a_publish_lost_in_flight_is_stored_out_of_order() {
-    let (found, log) = lose_one_publish(&["--no-fencing"]).await;
+    let (found, log, _) = lose_one_publish(&["--no-fencing"]).await;
     assert_eq!(
         (found.lost, found.duplicated, found.ahead_of_stream),
         (0, 0, 0),

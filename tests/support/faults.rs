@@ -240,15 +240,23 @@ impl StreamCounter {
             );
         }
         let context = self.context.as_ref()?;
-        // One request: the stream's info comes with it.
-        let count = match context.get_stream(&self.stream).await {
-            Ok(stream) => Some(stream.cached_info().state.messages),
-            Err(_) => None,
-        };
-        if count.is_none() {
-            self.context = None;
+        // One request: the stream's info comes with it. In a cluster, while the stream has no
+        // leader, its followers answer with what they have applied, which can lag what the
+        // leader acked: such an answer is no reading.
+        match context.get_stream(&self.stream).await {
+            Ok(stream) => {
+                let info = stream.cached_info();
+                let leaderless = info
+                    .cluster
+                    .as_ref()
+                    .is_some_and(|c| c.leader.as_deref().unwrap_or_default().is_empty());
+                (!leaderless).then_some(info.state.messages)
+            }
+            Err(_) => {
+                self.context = None;
+                None
+            }
         }
-        count
     }
 
     /// The count once a server answers.
@@ -354,10 +362,18 @@ pub fn compare(
             newest = Some(newest.map_or(p, |n: usize| n.max(p)));
         }
     }
-    let ahead_of_stream = samples
+    let ahead: Vec<(u64, usize, u64)> = samples
         .iter()
-        .filter(|&&(confirmed, stored)| rows_committed_through(oracle, confirmed) as u64 > stored)
-        .count();
+        .map(|&(confirmed, stored)| (confirmed, rows_committed_through(oracle, confirmed), stored))
+        .filter(|&(_, covered, stored)| covered as u64 > stored)
+        .collect();
+    let ahead_of_stream = ahead.len();
+    if !ahead.is_empty() {
+        println!(
+            "{scenario}: samples with the slot ahead of the stream (confirmed LSN, events it covers, events stored): {:?}",
+            &ahead[..ahead.len().min(10)]
+        );
+    }
     if lost > 0 {
         let missing: Vec<usize> = oracle
             .iter()

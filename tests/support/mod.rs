@@ -589,9 +589,34 @@ pub fn header<'a>(message: &'a Received, name: &str) -> Option<&'a str> {
         .map(|(_, v)| v.as_str())
 }
 
-/// Reads every message of the stream in stream order.
+/// The stream's message count as its leader reports it. In a cluster, while the stream has no
+/// leader, its followers answer with what they have applied, which can lag what was acked: such
+/// answers are waited out.
+pub async fn leader_message_count(js: &jetstream::Context, stream: &str) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(s) = js.get_stream(stream).await {
+            let info = s.cached_info();
+            let led = info
+                .cluster
+                .as_ref()
+                .is_none_or(|c| c.leader.as_deref().is_some_and(|l| !l.is_empty()));
+            if led {
+                return info.state.messages;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "stream {stream} has no leader after 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Reads every message of the stream in stream order: at least as many as its leader counts,
+/// and on until the consumer has none pending.
 pub async fn read_stream(js: &jetstream::Context, stream: &str) -> Vec<Received> {
-    let total = stream_message_count(js, stream).await as usize;
+    let total = leader_message_count(js, stream).await as usize;
     // Retried: a cluster that just lost or regained a node may take a moment to answer.
     let deadline = Instant::now() + Duration::from_secs(60);
     let consumer = loop {
@@ -613,12 +638,14 @@ pub async fn read_stream(js: &jetstream::Context, stream: &str) -> Vec<Received>
     };
     let mut messages = consumer.messages().await.expect("messages");
     let mut out = Vec::with_capacity(total);
-    while out.len() < total {
+    let mut pending = 0;
+    while out.len() < total || pending > 0 {
         let message = tokio::time::timeout(Duration::from_secs(30), messages.next())
             .await
             .expect("reading the stream timed out")
             .expect("stream ended")
             .expect("message");
+        pending = message.info().map_or(0, |info| info.pending);
         let headers: Vec<(String, String)> = message
             .headers
             .as_ref()
