@@ -154,10 +154,6 @@ impl RefusedRows {
         self.by_commit = self.by_commit.split_off(&lsn);
     }
 
-    pub fn len(&self) -> usize {
-        self.by_commit.values().map(Vec::len).sum()
-    }
-
     pub fn is_empty(&self) -> bool {
         self.by_commit.is_empty()
     }
@@ -256,7 +252,6 @@ mod tests {
         );
         assert_eq!(refused.get(Lsn::new(10), "c"), None);
         assert_eq!(refused.get(Lsn::new(15), "a"), None);
-        assert_eq!(refused.len(), 3);
         refused.forget_before(Lsn::new(11));
         assert_eq!(refused.get(Lsn::new(10), "a"), None);
         assert_eq!(
