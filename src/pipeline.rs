@@ -32,7 +32,7 @@ use crate::sink::{
 };
 use crate::source::pgoutput::{self, Message, SkippedKind};
 use crate::source::{ReplicationStream, SourceError, WalEvent};
-use crate::stats::Stats;
+use crate::stats::{SkipReason, SkippedChanges, Stats};
 
 /// Tracks which WAL position is safe to confirm.
 #[derive(Debug, Clone)]
@@ -206,6 +206,9 @@ pub struct Carryover {
     /// every session would be fenced on a re-sent duplicate and be refused again, forever,
     /// behind a message another publisher stored.
     pub unfence: Option<(Lsn, String)>,
+    /// Commit LSN of the newest transaction counted in the metrics: one read again by a later
+    /// session is not counted again.
+    counted_through: Lsn,
 }
 
 impl Carryover {
@@ -214,6 +217,7 @@ impl Carryover {
             hold,
             refused: RefusedRows::default(),
             unfence: None,
+            counted_through: Lsn::ZERO,
         }
     }
 
@@ -282,6 +286,8 @@ pub struct Session<'a> {
     /// One per publish in flight, oldest first, as the sink hands back their acks.
     labels: VecDeque<PublishLabel>,
     transaction: Option<TransactionContext>,
+    /// What the open transaction skipped, counted at its Commit.
+    skipped: SkippedChanges,
     row_index: u32,
     /// The newest acked commit LSN last logged, and when: logged periodically so an operator
     /// can save it for `--start-lsn`.
@@ -315,6 +321,7 @@ impl<'a> Session<'a> {
             tables: HashMap::new(),
             labels: VecDeque::new(),
             transaction: None,
+            skipped: SkippedChanges::default(),
             row_index: 0,
             logged_commit: None,
         }
@@ -520,13 +527,17 @@ impl<'a> Session<'a> {
                 self.watermark.begin();
                 self.skipping = commit_lsn < self.skip_before;
                 self.transaction = Some(TransactionContext::new(commit_lsn, commit_time_micros));
+                self.skipped = SkippedChanges::default();
                 self.row_index = 0;
             }
             WalEvent::Data(frame) => return self.on_message(frame).await,
             WalEvent::Commit { end_lsn } => {
                 let transaction = self.transaction.take();
                 let commit_lsn = transaction.as_ref().map_or(end_lsn, |t| t.commit_lsn);
-                self.stats.transactions.inc();
+                if commit_lsn > self.carry.counted_through {
+                    self.carry.counted_through = commit_lsn;
+                    self.stats.transaction_read(&self.skipped);
+                }
                 if self.watermark.commit(commit_lsn, end_lsn) {
                     // Every row was acked before the Commit arrived (or there was none).
                     if let Some(transaction) = transaction {
@@ -571,7 +582,7 @@ impl<'a> Session<'a> {
                     .into());
                 };
                 if self.skipping {
-                    self.stats.skipped_before_start();
+                    self.skipped.add(SkipReason::BeforeStartLsn);
                     return Ok(Next::Continue);
                 }
                 let row_index = self.row_index;
@@ -650,7 +661,11 @@ impl<'a> Session<'a> {
                 return self.after_sent(sent).await;
             }
             Message::Skipped(kind) => {
-                self.stats.skipped(kind);
+                if self.transaction.is_some() {
+                    self.skipped.add(kind.into());
+                } else {
+                    self.stats.skipped(kind.into(), 1);
+                }
                 if let SkippedKind::Unknown(tag) = kind {
                     tracing::warn!(tag = %char::from(tag), "skipped a pgoutput message of unknown type");
                 }

@@ -47,6 +47,62 @@ impl Role {
     }
 }
 
+/// Why a change was not published: the `reason` label of `rows_skipped_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SkipReason {
+    Update,
+    Delete,
+    Truncate,
+    /// Type, origin and logical messages, and tags the decoder does not know.
+    Other,
+    /// An insert of a transaction that committed before `--start-lsn` or the checkpoint.
+    BeforeStartLsn,
+}
+
+impl SkipReason {
+    const ALL: [SkipReason; 5] = [
+        SkipReason::Update,
+        SkipReason::Delete,
+        SkipReason::Truncate,
+        SkipReason::Other,
+        SkipReason::BeforeStartLsn,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SkipReason::Update => "update",
+            SkipReason::Delete => "delete",
+            SkipReason::Truncate => "truncate",
+            SkipReason::Other => "other",
+            SkipReason::BeforeStartLsn => "before_start_lsn",
+        }
+    }
+}
+
+impl From<SkippedKind> for SkipReason {
+    fn from(kind: SkippedKind) -> Self {
+        match kind {
+            SkippedKind::Update => SkipReason::Update,
+            SkippedKind::Delete => SkipReason::Delete,
+            SkippedKind::Truncate => SkipReason::Truncate,
+            _ => SkipReason::Other,
+        }
+    }
+}
+
+/// The changes one transaction skipped, tallied while it is read and counted when it commits:
+/// a session that reads it again (after a restart, or inside the replay window) must not count
+/// them twice, and one that dies halfway through it must not count half.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct SkippedChanges([u32; SkipReason::ALL.len()]);
+
+impl SkippedChanges {
+    pub fn add(&mut self, reason: SkipReason) {
+        let n = &mut self.0[reason as usize];
+        *n = n.saturating_add(1);
+    }
+}
+
 pub struct Stats {
     /// Events JetStream stored.
     pub published: Counter,
@@ -174,26 +230,28 @@ impl Stats {
         self
     }
 
-    pub fn skipped(&self, kind: SkippedKind) {
-        let reason = match kind {
-            SkippedKind::Update => "update",
-            SkippedKind::Delete => "delete",
-            SkippedKind::Truncate => "truncate",
-            _ => "other",
-        };
-        self.skipped.get_or_create(&[("reason", reason)]).inc();
+    /// A transaction read for the first time in this process, and the changes it skipped.
+    pub fn transaction_read(&self, skipped: &SkippedChanges) {
+        self.transactions.inc();
+        for reason in SkipReason::ALL {
+            let n = skipped.0[reason as usize];
+            if n > 0 {
+                self.skipped(reason, u64::from(n));
+            }
+        }
     }
 
-    /// An insert of a transaction that committed before `--start-lsn` or the checkpoint.
-    pub fn skipped_before_start(&self) {
+    /// Changes skipped outside any transaction (non-transactional logical messages).
+    pub fn skipped(&self, reason: SkipReason, n: u64) {
         self.skipped
-            .get_or_create(&[("reason", "before_start_lsn")])
-            .inc();
+            .get_or_create(&[("reason", reason.as_str())])
+            .inc_by(n);
     }
 
-    pub fn skipped_count(&self, reason: &'static str) -> u64 {
+    #[cfg(test)]
+    fn skipped_count(&self, reason: SkipReason) -> u64 {
         self.skipped
-            .get(&[("reason", reason)])
+            .get(&[("reason", reason.as_str())])
             .map_or(0, |c| c.get())
     }
 
@@ -279,7 +337,11 @@ mod tests {
     fn exposes_counters_roles_lag_and_latency() {
         let stats = Stats::default();
         stats.published.inc();
-        stats.skipped(SkippedKind::Update);
+        let mut skipped = SkippedChanges::default();
+        skipped.add(SkipReason::Update);
+        skipped.add(SkipReason::Update);
+        skipped.add(SkipReason::BeforeStartLsn);
+        stats.transaction_read(&skipped);
         stats.publish_error("too_large");
         stats.server_wal_end.set(1_000);
         stats.confirmed_lsn.set(400);
@@ -288,7 +350,9 @@ mod tests {
         let text = stats.encode();
         for needle in [
             "outbox_cdc_events_published_total 1",
-            "outbox_cdc_rows_skipped_total{reason=\"update\"} 1",
+            "outbox_cdc_transactions_total 1",
+            "outbox_cdc_rows_skipped_total{reason=\"update\"} 2",
+            "outbox_cdc_rows_skipped_total{reason=\"before_start_lsn\"} 1",
             "outbox_cdc_publish_errors_total{kind=\"too_large\"} 1",
             "outbox_cdc_slot_lag_bytes 600",
             "outbox_cdc_role{role=\"leader\"} 1",
@@ -298,6 +362,12 @@ mod tests {
             assert!(text.contains(needle), "{needle} missing from\n{text}");
         }
         assert_eq!(stats.role(), Role::Leader);
-        assert_eq!(stats.skipped_count("update"), 1);
+        assert_eq!(stats.skipped_count(SkipReason::Update), 2);
+        assert_eq!(
+            stats.skipped_count(SkipReason::Delete),
+            0,
+            "no series for a reason not seen"
+        );
+        assert!(!text.contains("reason=\"delete\""), "{text}");
     }
 }

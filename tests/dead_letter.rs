@@ -52,6 +52,13 @@ const REJECTED: &str = "00000000-0000-0000-0000-000000000006";
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poison_rows_go_to_the_dead_letter_subject_and_the_pipeline_goes_on() {
     let env = TestEnv::start().await;
+    // Updates and deletes too, so that the metrics show whether a transaction read again by
+    // the session that follows a refusal is counted again.
+    env.sql()
+        .await
+        .batch_execute("ALTER PUBLICATION outbox_pub SET (publish = 'insert, update, delete');")
+        .await
+        .expect("alter publication");
     let dead = narrow_stream(&env).await;
     let publisher = env.publisher(&["--on-error", "dead-letter", "--dead-letter-subject", &dead]);
     publisher
@@ -68,7 +75,8 @@ async fn poison_rows_go_to_the_dead_letter_subject_and_the_pipeline_goes_on() {
     )
     .await;
     // One transaction, so that the rows after REJECTED go out before its ack says that
-    // JetStream refused it (headers over 64 KiB).
+    // JetStream refused it (headers over 64 KiB), and the update and delete are read (before
+    // NO_STREAM, which waits for every ack) by the session that the refusal ends.
     let rows = [
         row(
             "order",
@@ -76,6 +84,8 @@ async fn poison_rows_go_to_the_dead_letter_subject_and_the_pipeline_goes_on() {
             "'{\"n\":6}'",
             "jsonb_build_object('x-big', repeat('v', 70000))",
         ),
+        format!("UPDATE outbox SET event_type = 'updated' WHERE id = '{GOOD_1}';"),
+        format!("DELETE FROM outbox WHERE id = '{UNMAPPABLE}';"),
         row("invoice", NO_STREAM, "'{\"n\":4}'", "NULL"),
         row("order", GOOD_2, "'{\"n\":5}'", "NULL"),
     ];
@@ -141,6 +151,12 @@ async fn poison_rows_go_to_the_dead_letter_subject_and_the_pipeline_goes_on() {
     for kind in ["unmappable", "too_large", "rejected"] {
         let name =
             format!("outbox_cdc_poison_rows_total{{kind=\"{kind}\",action=\"dead_letter\"}}");
+        assert_eq!(metric(&text, &name), Some(1.0), "{text}");
+    }
+    // The refusal restarted the session, which read the last transaction again: counted once.
+    let text = wait_for_metric(&publisher, "outbox_cdc_transactions_total", 4.0).await;
+    for reason in ["update", "delete"] {
+        let name = format!("outbox_cdc_rows_skipped_total{{reason=\"{reason}\"}}");
         assert_eq!(metric(&text, &name), Some(1.0), "{text}");
     }
 }
