@@ -33,16 +33,20 @@ lint: deps
 	cargo clippy --all-targets -- -D warnings
 
 # The benchmarks in a size that fits CI, so they never rot (numbers too small to quote).
-bench-smoke: deps
+bench-smoke: deps $(NATS_LATEST)
 	OUTBOX_CDC_E2E_BATCHED_ROWS=20000 OUTBOX_CDC_E2E_SINGLE_ROWS=5000 \
 	OUTBOX_CDC_E2E_LIVE_RATES=500 OUTBOX_CDC_E2E_LIVE_SECS=3 cargo bench --bench e2e
 	cargo bench --bench hot_path -- --quick
+	OUTBOX_CDC_NATS_SERVER=$(CURDIR)/$(NATS_LATEST) OUTBOX_CDC_FB_MESSAGES=5000 \
+	OUTBOX_CDC_FB_ROUNDS=1 cargo bench --bench fast_batch
 
 # The full benchmarks: end to end beside pg_recvlogical and a raw NATS publish loop (about
-# 8 minutes on 2 cores; table in README, JSON in target/bench/e2e.json), then the hot path.
-bench: deps
+# 8 minutes on 2 cores; table in README, JSON in target/bench/e2e.json), the hot path, and the
+# probe of JetStream fast batch publishing on the newest nats-server (about a minute).
+bench: deps $(NATS_LATEST)
 	cargo bench --bench e2e
 	cargo bench --bench hot_path
+	OUTBOX_CDC_NATS_SERVER=$(CURDIR)/$(NATS_LATEST) cargo bench --bench fast_batch
 
 clean:
 	cargo clean
