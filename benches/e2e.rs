@@ -36,16 +36,7 @@ use async_nats::jetstream::{self, consumer};
 use futures::StreamExt;
 use outbox_cdc::embedded::find_postgres_binary;
 use serde::Serialize;
-use support::{Publisher, Received, TestEnv, unique};
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    match std::env::var(name) {
-        Ok(v) => v
-            .parse()
-            .unwrap_or_else(|_| panic!("{name}={v:?} is not a valid value")),
-        Err(_) => default,
-    }
-}
+use support::{Publisher, Received, TestEnv, env_or, unique};
 
 struct Settings {
     batched_rows: usize,

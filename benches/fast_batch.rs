@@ -32,20 +32,11 @@ use async_nats::{Client, HeaderMap};
 use bytes::Bytes;
 use futures::StreamExt;
 use outbox_cdc::embedded::EmbeddedNats;
-use support::cpu_seconds;
+use support::{cpu_seconds, env_or};
 
 const WINDOW: u64 = 4096;
 const OUTSTANDING_ACKS: u64 = 4;
 const ACK_TIMEOUT: Duration = Duration::from_secs(10);
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    match std::env::var(name) {
-        Ok(v) => v
-            .parse()
-            .unwrap_or_else(|_| panic!("{name}={v:?} is not a valid value")),
-        Err(_) => default,
-    }
-}
 
 #[derive(Clone, Copy, PartialEq)]
 enum Way {

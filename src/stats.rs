@@ -241,7 +241,8 @@ impl Stats {
         }
     }
 
-    /// Changes skipped outside any transaction (non-transactional logical messages).
+    /// `n` changes skipped for `reason`. A transaction's are counted through
+    /// [`Stats::transaction_read`]; this is for those outside any (non-transactional messages).
     pub fn skipped(&self, reason: SkipReason, n: u64) {
         self.skipped
             .get_or_create(&[("reason", reason.as_str())])

@@ -504,6 +504,17 @@ impl Publisher {
     }
 }
 
+/// `name` from the environment, parsed, or `default` when it is unset (a size or rate of a
+/// benchmark, say); a value that does not parse is a mistake worth stopping for.
+pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    match std::env::var(name) {
+        Ok(v) => v
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={v:?} is not a valid value")),
+        Err(_) => default,
+    }
+}
+
 /// Busy and total CPU time of the whole machine so far, in clock ticks (from /proc/stat).
 pub fn machine_cpu_ticks() -> Option<(u64, u64)> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
