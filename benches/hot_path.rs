@@ -1,6 +1,7 @@
 //! Micro-benchmarks of the per-event hot path, without servers: decoding a pgoutput Insert,
-//! mapping the row to a message, the pipeline's bookkeeping (publish label, LSN watermark) and
-//! the sink's fencing (the stream of the subject, the expected predecessor).
+//! mapping the row to a message and naming the row (the `EventRef` that travels with the
+//! publish), the LSN watermark, and the sink's fencing (the stream of the subject, the expected
+//! predecessor).
 //!
 //! `cargo bench --bench hot_path` reports time per event (Criterion) and, first, allocations per
 //! event, counted by a global allocator wrapper over a fixed number of iterations.
@@ -12,10 +13,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use outbox_cdc::Lsn;
-use outbox_cdc::mapping::{MappingConfig, TableMapping, TransactionContext};
+use outbox_cdc::event::{EventRef, OutboxEvent};
 use outbox_cdc::pipeline::Watermark;
-use outbox_cdc::sink::{Fence, PublishLabel};
-use outbox_cdc::source::pgoutput::{self, Message, encode};
+use outbox_cdc::pipeline::mapping::{MappingConfig, TableMapping, TransactionContext};
+use outbox_cdc::sink::Fence;
+use outbox_cdc::source::pgoutput::{self, Message};
+
+/// The unit tests' pgoutput encoder.
+#[path = "../src/source/pgoutput/encode.rs"]
+#[allow(dead_code)]
+mod encode;
 
 /// Counts allocations (not frees): what "allocations per event" means below.
 struct CountingAllocator;
@@ -106,14 +113,15 @@ fn decode(frame: &Bytes) -> usize {
     }
 }
 
-fn map(mapping: &TableMapping, frame: &Bytes, txn: &TransactionContext) -> PublishLabel {
+fn map(mapping: &TableMapping, frame: &Bytes, txn: &TransactionContext) -> (OutboxEvent, EventRef) {
     let Ok(Message::Insert(insert)) = pgoutput::decode(frame) else {
         panic!("the insert frame decodes");
     };
     let event = mapping
         .map(&insert.tuple, frame, txn, 0)
         .expect("the row maps");
-    PublishLabel::new(&event, txn.commit_lsn, txn.commit_time)
+    let reference = mapping.event_ref(&event, txn.commit_lsn);
+    (event, reference)
 }
 
 /// The watermark's work for one 100-row transaction: begin, 100 publishes, commit, 100 acks.

@@ -1,26 +1,29 @@
 //! outbox-cdc: publishes a PostgreSQL outbox table to NATS JetStream from the WAL.
 //!
-//! Data flows one way: [`source`] (logical replication, pgoutput) → [`pipeline`] (ordering,
-//! ack-gated LSN confirmation) → [`sink`] (JetStream), with [`mapping`] turning rows into
-//! messages. [`run`] supervises sessions: reconnects, standby, shutdown.
+//! ```text
+//!  PostgreSQL ──WAL──▶ source ──WalEvent──▶ pipeline ──OutboxEvent──▶ sink ──▶ JetStream
+//!   (slot)            (pgoutput)         (map, order,               (publish,
+//!     ▲                                   watermark)                 acks in order)
+//!     └──────────── confirm(lsn): end of the newest fully acked transaction ◀──┘
+//! ```
+//!
+//! Data flows one way. [`source`] and [`sink`] know nothing of each other or of the pipeline;
+//! [`pipeline`] ties them together; [`commands`] is the command line on top. Beneath them all are
+//! the domain types ([`lsn`], [`event`], [`subject`]) and two helpers ([`secret`], [`tls`]);
+//! beside them [`stats`] and [`http`] (metrics and health) and [`embedded`] (throwaway servers
+//! for the demo, tests and benchmarks).
 
-pub mod admin;
-pub mod config;
-pub mod dead_letter;
-pub mod demo;
+pub mod commands;
 pub mod embedded;
-mod error;
+pub mod event;
 pub mod http;
 pub mod lsn;
-pub mod mapping;
 pub mod pipeline;
-pub mod run;
 pub mod secret;
 pub mod sink;
 pub mod source;
 pub mod stats;
-pub mod subject_map;
+pub mod subject;
 pub mod tls;
 
-pub use error::Error;
 pub use lsn::Lsn;

@@ -1,15 +1,12 @@
 use std::process::ExitCode;
 
-use outbox_cdc::config::{Command, ConfigError, Invocation, LogFormat, parse_cli};
-use outbox_cdc::http::HttpServer;
-use outbox_cdc::stats::Stats;
-use std::sync::Arc;
+use outbox_cdc::commands::{self, ConfigError, Invocation, LogFormat, parse_cli};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 use tracing_subscriber::EnvFilter;
 
-// The hot path allocates a few small buffers per event (message headers, the NATS client's
-// request bookkeeping); mimalloc serves them faster than glibc's malloc (see README, Performance).
+// The hot path allocates a few small buffers per event (message headers, the publish's reply
+// subject); mimalloc serves them faster than glibc's malloc (docs/benchmarks.md).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -30,8 +27,7 @@ fn main() -> ExitCode {
     init_logging(cli.log_format);
     let _ = rustls::crypto::ring::default_provider().install_default();
     // One thread: the pipeline, the replication reader and the NATS connection hand each row to
-    // one another, and on one thread that costs no cross-thread wake-ups (1.6× the catch-up rate
-    // of the multi-threaded runtime on 2 cores, at less than half the CPU; see README).
+    // one another, and on one thread that costs no cross-thread wake-ups (docs/benchmarks.md).
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -42,51 +38,23 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(dispatch(cli.command)) {
+    let outcome = runtime.block_on(async {
+        let shutdown = shutdown_signal().map_err(|e| format!("cannot watch for signals: {e}"))?;
+        commands::execute(cli.command, shutdown)
+            .await
+            .map_err(|e| e.to_string())
+    });
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            tracing::error!("{err:#}");
+            tracing::error!("{err}");
             ExitCode::FAILURE
         }
     }
 }
 
-async fn dispatch(command: Command) -> anyhow::Result<()> {
-    match command {
-        Command::Run(args) => {
-            let config = args.resolve()?;
-            tracing::info!(
-                database = %config.source.database,
-                nats = %outbox_cdc::sink::redact_nats_url(config.sink.urls.expose()),
-                slot = %config.source.slot,
-                publication = %config.source.publication,
-                "starting outbox-cdc {}",
-                env!("CARGO_PKG_VERSION")
-            );
-            let stats = Arc::new(Stats::default());
-            let shutdown = shutdown_signal()?;
-            if let Some(addr) = config.http_addr {
-                let server = HttpServer::bind(addr).await?;
-                if let Some(bound) = server.local_addr() {
-                    tracing::info!("serving /healthz, /readyz and /metrics on http://{bound}");
-                }
-                tokio::spawn(server.serve(stats.clone(), shutdown.clone()));
-            }
-            outbox_cdc::run::run(config, &stats, shutdown).await?;
-            Ok(())
-        }
-        Command::Setup(args) => Ok(outbox_cdc::admin::setup(args).await?),
-        Command::Status(args) => Ok(outbox_cdc::admin::status(args).await?),
-        Command::Demo(args) => {
-            let shutdown = shutdown_signal()?;
-            outbox_cdc::demo::run(args, shutdown).await?;
-            Ok(())
-        }
-    }
-}
-
 /// Turns true on the first SIGTERM or SIGINT.
-fn shutdown_signal() -> anyhow::Result<watch::Receiver<bool>> {
+fn shutdown_signal() -> std::io::Result<watch::Receiver<bool>> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let (tx, rx) = watch::channel(false);

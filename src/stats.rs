@@ -1,5 +1,5 @@
 //! The process's counters and gauges, updated on the hot path with relaxed atomics and exposed
-//! by [`crate::http`] in Prometheus text format. No label carries a subject or an id: label
+//! by the HTTP endpoint in Prometheus text format. No label carries a subject or an id: label
 //! values are fixed sets, so the number of series is bounded.
 
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
@@ -10,8 +10,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-
-use crate::source::pgoutput::SkippedKind;
 
 type U64Gauge = Gauge<u64, AtomicU64>;
 type Label = [(&'static str, &'static str); 1];
@@ -75,17 +73,6 @@ impl SkipReason {
             SkipReason::Truncate => "truncate",
             SkipReason::Other => "other",
             SkipReason::BeforeStartLsn => "before_start_lsn",
-        }
-    }
-}
-
-impl From<SkippedKind> for SkipReason {
-    fn from(kind: SkippedKind) -> Self {
-        match kind {
-            SkippedKind::Update => SkipReason::Update,
-            SkippedKind::Delete => SkipReason::Delete,
-            SkippedKind::Truncate => SkipReason::Truncate,
-            _ => SkipReason::Other,
         }
     }
 }

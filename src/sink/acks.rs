@@ -38,29 +38,41 @@ pub enum AckError {
 
 pub type AckOutcome = Result<Ack, AckError>;
 
-/// The publishes awaiting their ack, oldest first, and the acks that arrived out of turn.
-#[derive(Debug, Default)]
-struct AckQueue {
+/// The publishes awaiting their ack, oldest first, each with its label, and the acks that
+/// arrived out of turn.
+#[derive(Debug)]
+struct AckQueue<L> {
     /// Sequence of the oldest entry of `pending`.
     first: u64,
-    pending: VecDeque<Pending>,
+    pending: VecDeque<Pending<L>>,
 }
 
 #[derive(Debug)]
-struct Pending {
+struct Pending<L> {
     sent: Instant,
+    label: L,
     outcome: Option<AckOutcome>,
 }
 
-impl AckQueue {
+impl<L> Default for AckQueue<L> {
+    fn default() -> Self {
+        AckQueue {
+            first: 0,
+            pending: VecDeque::new(),
+        }
+    }
+}
+
+impl<L> AckQueue<L> {
     /// The sequence the next publish carries.
     fn next_sequence(&self) -> u64 {
         self.first + self.pending.len() as u64
     }
 
-    fn sent(&mut self, at: Instant) {
+    fn sent(&mut self, at: Instant, label: L) {
         self.pending.push_back(Pending {
             sent: at,
+            label,
             outcome: None,
         });
     }
@@ -80,11 +92,12 @@ impl AckQueue {
         }
     }
 
-    /// The oldest publish's outcome, once it is known.
-    fn pop_ready(&mut self) -> Option<AckOutcome> {
+    /// The oldest publish's label and outcome, once the outcome is known.
+    fn pop_ready(&mut self) -> Option<(L, AckOutcome)> {
         if self.pending.front()?.outcome.is_some() {
             self.first += 1;
-            return self.pending.pop_front().and_then(|p| p.outcome);
+            let pending = self.pending.pop_front()?;
+            return pending.outcome.map(|outcome| (pending.label, outcome));
         }
         None
     }
@@ -107,19 +120,20 @@ impl AckQueue {
     }
 }
 
-/// Reply subjects for publishes, and their acks back in publish order.
-pub struct Acks {
+/// Reply subjects for publishes, and their acks back in publish order, each with the label it
+/// was sent with.
+pub struct Acks<L> {
     subscription: Subscriber,
     /// `<inbox>.`; a publish's reply subject is this and its sequence.
     prefix: String,
-    queue: AckQueue,
+    queue: AckQueue<L>,
     timeout: Duration,
     /// Fires no earlier than the oldest publish's deadline; re-armed only when it fires early,
     /// so that acks flowing in do not each touch the timer wheel.
     timer: std::pin::Pin<Box<Sleep>>,
 }
 
-impl Acks {
+impl<L> Acks<L> {
     pub async fn subscribe(
         client: &Client,
         timeout: Duration,
@@ -143,9 +157,10 @@ impl Acks {
         Subject::from(subject)
     }
 
-    /// The publish with the last [`Acks::reply_subject`] went out.
-    pub fn sent(&mut self) {
-        self.queue.sent(Instant::now());
+    /// The publish with the last [`Acks::reply_subject`] went out; `label` comes back with its
+    /// ack.
+    pub fn sent(&mut self, label: L) {
+        self.queue.sent(Instant::now(), label);
     }
 
     /// Publishes awaiting their ack.
@@ -153,9 +168,9 @@ impl Acks {
         self.queue.len()
     }
 
-    /// The outcome of the oldest pending publish. Cancel-safe; pending forever when nothing is
-    /// in flight.
-    pub async fn next(&mut self) -> AckOutcome {
+    /// The label and outcome of the oldest pending publish. Cancel-safe; pending forever when
+    /// nothing is in flight.
+    pub async fn next(&mut self) -> (L, AckOutcome) {
         loop {
             if let Some(outcome) = self.queue.pop_ready() {
                 return outcome;
@@ -263,10 +278,10 @@ mod tests {
 
     #[test]
     fn hands_acks_back_in_publish_order_whatever_order_they_arrive_in() {
-        let mut queue = AckQueue::default();
+        let mut queue = AckQueue::<u32>::default();
         let now = Instant::now();
-        for _ in 0..3 {
-            queue.sent(now);
+        for label in 0..3 {
+            queue.sent(now, label);
         }
         queue.record(2, Ok(Ack { duplicate: true }));
         queue.record(1, Err(AckError::NoResponders));
@@ -275,15 +290,15 @@ mod tests {
         queue.record(0, Err(AckError::Closed));
         assert!(matches!(
             queue.pop_ready(),
-            Some(Ok(Ack { duplicate: false }))
+            Some((0, Ok(Ack { duplicate: false })))
         ));
         assert!(matches!(
             queue.pop_ready(),
-            Some(Err(AckError::NoResponders))
+            Some((1, Err(AckError::NoResponders)))
         ));
         assert!(matches!(
             queue.pop_ready(),
-            Some(Ok(Ack { duplicate: true }))
+            Some((2, Ok(Ack { duplicate: true })))
         ));
         assert!(queue.pop_ready().is_none());
         assert_eq!(queue.next_sequence(), 3);
@@ -295,19 +310,19 @@ mod tests {
 
     #[test]
     fn a_timeout_fails_only_the_oldest_publish_without_an_answer() {
-        let mut queue = AckQueue::default();
+        let mut queue = AckQueue::<u32>::default();
         let now = Instant::now();
-        queue.sent(now);
-        queue.sent(now);
+        queue.sent(now, 0);
+        queue.sent(now, 1);
         queue.fail_oldest(AckError::TimedOut(Duration::from_secs(1)));
         assert!(matches!(
             queue.pop_ready(),
-            Some(Err(AckError::TimedOut(_)))
+            Some((0, Err(AckError::TimedOut(_))))
         ));
         queue.record(1, Ok(Ack { duplicate: false }));
         queue.fail_oldest(AckError::Closed);
         assert!(
-            matches!(queue.pop_ready(), Some(Ok(_))),
+            matches!(queue.pop_ready(), Some((1, Ok(_)))),
             "an ack that arrived stands"
         );
     }

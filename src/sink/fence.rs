@@ -25,7 +25,7 @@
 
 use async_nats::HeaderValue;
 
-use crate::subject_map::SubjectFilter;
+use crate::subject::SubjectFilter;
 
 /// The streams publishes may go to, and the last message id sent into each in this session.
 #[derive(Debug, Default)]

@@ -22,7 +22,7 @@ use tokio_postgres::NoTls;
 pub mod faults;
 pub mod proxy;
 
-pub const OUTBOX_SQL: &str = include_str!("../../sql/outbox.sql");
+pub use outbox_cdc::commands::setup::OUTBOX_SQL;
 
 /// A name no other test (or earlier run on a shared server) uses.
 pub fn unique(prefix: &str) -> String {

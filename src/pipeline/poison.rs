@@ -1,22 +1,26 @@
-//! `--on-error dead-letter`: a row that cannot be published as itself — it cannot be mapped, its
-//! payload is over the server's `max_payload`, no stream captures its subject, or JetStream
-//! refuses the message itself — is published to the dead-letter subject instead, in its place
-//! in commit order, with headers saying why, and the pipeline goes on. With `--on-error fail`
-//! (the default) the same rows stop the process instead; never is one skipped silently.
+//! Poison rows: rows that cannot be published as themselves — a row that cannot be mapped, a
+//! payload over the server's `max_payload`, a subject no stream captures, a message JetStream
+//! refuses. `--on-error fail` (the default) stops the process naming the row; `--on-error
+//! dead-letter` publishes it to the dead-letter subject instead, with headers saying why, and
+//! goes on. Never is one skipped silently.
 //!
-//! The last two are only known when JetStream answers, after later rows went out. Such a row is
-//! remembered in [`RefusedRows`] and the session restarts: the next one re-reads from the slot
-//! and publishes the dead letter where the row was, and re-sends the rows after it (which
-//! fencing made JetStream refuse, as their predecessor was not stored).
+//! **A dead letter keeps its row's place in commit order.** The first two kinds are known before
+//! the row is sent, and its dead letter is simply sent instead. The last two are only known when
+//! JetStream answers, after later rows went out: such a row is remembered in [`RefusedRows`] and
+//! the session restarts. The next session re-reads from the slot (nothing from the refused row
+//! on was confirmed), publishes the dead letter where the row was, and re-sends the rows after
+//! it — which fencing had made JetStream refuse, as their predecessor was not stored. The
+//! transaction is confirmed only once its dead letter is acked. (Other modules refer here for
+//! this rationale.)
 
 use std::collections::BTreeMap;
 
-use async_nats::HeaderMap;
 use async_nats::header::HeaderValue;
+use async_nats::{HeaderMap, Subject};
 use bytes::Bytes;
 
+use crate::event::{EventRef, OutboxEvent, header};
 use crate::lsn::Lsn;
-use crate::mapping::{HEADER_COMMIT_LSN, HEADER_MSG_ID, HEADER_TABLE, OutboxEvent};
 
 pub const HEADER_ERROR: &str = "Outbox-Error";
 pub const HEADER_ERROR_KIND: &str = "Outbox-Error-Kind";
@@ -63,10 +67,7 @@ impl PoisonKind {
 pub struct PoisonRow {
     pub kind: PoisonKind,
     pub reason: String,
-    pub table: String,
-    pub event_id: String,
-    pub subject: Option<String>,
-    pub commit_lsn: Lsn,
+    pub event: EventRef,
     /// The original body; published along when it fits.
     pub payload: Bytes,
     /// The original body's size (the body itself may be unavailable, e.g. when it is too large).
@@ -74,23 +75,35 @@ pub struct PoisonRow {
 }
 
 impl PoisonRow {
+    /// `payload` is the original body as far as it could be read.
+    pub fn new(kind: PoisonKind, reason: String, event: EventRef, payload: Bytes) -> Self {
+        PoisonRow {
+            kind,
+            reason,
+            event,
+            payload_size: payload.len(),
+            payload,
+        }
+    }
+
     /// The dead-letter message. Its `Nats-Msg-Id` is derived from the event id, so a replay
     /// after a restart is de-duplicated like any event. A payload over `max_payload` is left out
     /// (its size is in a header).
     pub fn into_dead_letter(self, subject: &str, max_payload: usize) -> OutboxEvent {
+        let event = &self.event;
         let mut headers = HeaderMap::new();
-        let id = header_value(&format!("dead-letter:{}", self.event_id));
-        headers.insert(HEADER_MSG_ID, id.clone());
+        let id = header_value(&format!("dead-letter:{}", event.event_id));
+        headers.insert(header::MSG_ID, id.clone());
         headers.insert(HEADER_ERROR_KIND, self.kind.as_str());
         headers.insert(HEADER_ERROR, header_value(&self.reason));
-        headers.insert(HEADER_EVENT_ID, header_value(&self.event_id));
-        headers.insert(HEADER_TABLE, header_value(&self.table));
+        headers.insert(HEADER_EVENT_ID, header_value(&event.event_id));
+        headers.insert(header::TABLE, header_value(&event.table));
         headers.insert(
-            HEADER_COMMIT_LSN,
-            header_value(&self.commit_lsn.to_string()),
+            header::COMMIT_LSN,
+            header_value(&event.commit_lsn.to_string()),
         );
-        if let Some(original) = &self.subject {
-            headers.insert(HEADER_ORIGINAL_SUBJECT, header_value(original));
+        if let Some(original) = &event.subject {
+            headers.insert(HEADER_ORIGINAL_SUBJECT, header_value(original.as_str()));
         }
         headers.insert(
             HEADER_PAYLOAD_SIZE,
@@ -103,7 +116,7 @@ impl PoisonRow {
             Bytes::new()
         };
         OutboxEvent {
-            subject: subject.to_owned(),
+            subject: Subject::from(subject),
             headers,
             payload,
             id,
@@ -153,10 +166,6 @@ impl RefusedRows {
     pub fn forget_before(&mut self, lsn: Lsn) {
         self.by_commit = self.by_commit.split_off(&lsn);
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.by_commit.is_empty()
-    }
 }
 
 /// A header value from any text: line breaks and other control characters become spaces,
@@ -186,10 +195,12 @@ mod tests {
         PoisonRow {
             kind: PoisonKind::Unmappable,
             reason: "subject placeholder `{event_type}` is NULL\r\nsecond line".into(),
-            table: "public.outbox".into(),
-            event_id: "42".into(),
-            subject: None,
-            commit_lsn: Lsn::new(0x1_0000_0010),
+            event: EventRef {
+                event_id: "42".into(),
+                table: "public.outbox".into(),
+                subject: None,
+                commit_lsn: Lsn::new(0x1_0000_0010),
+            },
             payload: Bytes::from_static(payload),
             payload_size: payload.len(),
         }
@@ -198,18 +209,18 @@ mod tests {
     #[test]
     fn carries_the_reason_table_id_lsn_and_payload() {
         let event = row(b"{\"a\":1}").into_dead_letter("outbox.dead", 1 << 20);
-        assert_eq!(event.subject, "outbox.dead");
+        assert_eq!(event.subject.as_str(), "outbox.dead");
         assert_eq!(event.payload.as_ref(), b"{\"a\":1}");
         let h = |name: &str| event.headers.get(name).map(|v| v.as_str().to_owned());
-        assert_eq!(h(HEADER_MSG_ID).as_deref(), Some("dead-letter:42"));
+        assert_eq!(h(header::MSG_ID).as_deref(), Some("dead-letter:42"));
         assert_eq!(h(HEADER_ERROR_KIND).as_deref(), Some("unmappable"));
         assert_eq!(
             h(HEADER_ERROR).as_deref(),
             Some("subject placeholder `{event_type}` is NULL  second line")
         );
         assert_eq!(h(HEADER_EVENT_ID).as_deref(), Some("42"));
-        assert_eq!(h(HEADER_TABLE).as_deref(), Some("public.outbox"));
-        assert_eq!(h(HEADER_COMMIT_LSN).as_deref(), Some("1/10"));
+        assert_eq!(h(header::TABLE).as_deref(), Some("public.outbox"));
+        assert_eq!(h(header::COMMIT_LSN).as_deref(), Some("1/10"));
         assert_eq!(h(HEADER_ORIGINAL_SUBJECT), None);
         assert_eq!(h(HEADER_PAYLOAD_SIZE).as_deref(), Some("7"));
     }
@@ -259,7 +270,7 @@ mod tests {
             Some((PoisonKind::Rejected, "again"))
         );
         refused.forget_before(Lsn::new(21));
-        assert!(refused.is_empty());
+        assert_eq!(refused.get(Lsn::new(20), "a"), None);
     }
 
     #[test]

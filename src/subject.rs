@@ -1,12 +1,31 @@
-//! `--subject-map FROM=TO`: rewrites subjects before publishing, with NATS-style wildcards.
+//! NATS subjects: what a publish subject may be, subject filters as streams list them, and
+//! `--subject-map FROM=TO` rewriting.
 //!
-//! In FROM, `*` matches one token and a final `>` one or more. In TO, each `*` takes the token
-//! the matching `*` of FROM matched, in order, and a final `>` takes what FROM's `>` matched:
-//! `order.*=prod.orders.*` sends `order.created` to `prod.orders.created`. The first rule that
-//! matches wins; a subject no rule matches is published unchanged.
+//! In a filter or in FROM, `*` matches one token and a final `>` one or more. In TO, each `*`
+//! takes the token the matching `*` of FROM matched, in order, and a final `>` takes what FROM's
+//! `>` matched: `order.*=prod.orders.*` sends `order.created` to `prod.orders.created`. The first
+//! rule that matches wins; a subject no rule matches is published unchanged.
 
 use std::fmt;
 use std::str::FromStr;
+
+/// A valid publish subject: tokens separated by `.`, none empty, no whitespace or control
+/// characters, no wildcards.
+pub fn validate_subject(subject: &str) -> Result<(), String> {
+    if subject.is_empty() {
+        return Err("the subject is empty".into());
+    }
+    if subject.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("the subject contains whitespace or control characters".into());
+    }
+    if subject.contains(['*', '>']) {
+        return Err("the subject contains a wildcard (`*` or `>`)".into());
+    }
+    if subject.split('.').any(str::is_empty) {
+        return Err("the subject has an empty token (a leading, trailing or double `.`)".into());
+    }
+    Ok(())
+}
 
 /// The rules, in the order given.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -145,10 +164,6 @@ impl SubjectRule {
 impl SubjectMap {
     pub fn new(rules: Vec<SubjectRule>) -> Self {
         SubjectMap { rules }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.rules.is_empty()
     }
 
     /// The subject the first matching rule makes of `subject`; None when no rule matches.

@@ -1,4 +1,4 @@
-//! The `run` command: checks, then replication sessions until shutdown.
+//! The supervisor: checks, then replication sessions until shutdown.
 //!
 //! A session is one NATS connection plus one `START_REPLICATION`. Transient failures (a lost
 //! connection, an ack timeout, a server restart) end the session; the next one starts after an
@@ -14,12 +14,13 @@ use std::time::{Duration, Instant};
 use backon::BackoffBuilder;
 use tokio::sync::watch;
 
-use crate::Error;
-use crate::config::RunConfig;
+use super::RunConfig;
+use super::error::Error;
+use super::mapping::TableMapping;
+use super::replay::ReplayHold;
+use super::session::{Carryover, Session, SessionEnd, SessionStart, Sink};
 use crate::lsn::Lsn;
-use crate::mapping::TableMapping;
-use crate::pipeline::{Carryover, ReplayHold, Session, SessionEnd, SessionStart};
-use crate::sink::{Checkpoint, JetStreamSink};
+use crate::sink::Checkpoint;
 use crate::source::{Catalog, ReplicationStream, SourceError};
 use crate::stats::Stats;
 
@@ -161,7 +162,7 @@ impl Supervisor<'_> {
             .into());
         }
 
-        let mut sink = JetStreamSink::connect(&self.config.sink).await?;
+        let mut sink = Sink::connect(&self.config.sink).await?;
         sink.prepare(&self.config.sink).await?;
         let (checkpoint, saved) = if replay.window.is_zero() {
             (None, None)

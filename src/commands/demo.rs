@@ -10,13 +10,11 @@ use std::time::{Duration, SystemTime};
 use futures::StreamExt;
 use tokio::sync::watch;
 
-use crate::config::RunArgs;
+use super::run::RunArgs;
+use super::setup::OUTBOX_SQL;
 use crate::embedded::{EmbeddedError, EmbeddedNats, EmbeddedPostgres, PostgresOptions};
-use crate::mapping::{HEADER_COMMIT_TIME, HEADER_MSG_ID};
+use crate::event::header;
 use crate::stats::Stats;
-
-/// The recommended table and publication, as shipped in `sql/outbox.sql`.
-pub const OUTBOX_SQL: &str = include_str!("../sql/outbox.sql");
 
 const STREAM: &str = "OUTBOX";
 const AGGREGATES: [(&str, &str); 4] = [
@@ -45,7 +43,7 @@ pub enum DemoError {
     #[error("demo set-up: {0}")]
     Setup(String),
     #[error(transparent)]
-    Run(#[from] crate::Error),
+    Run(#[from] crate::pipeline::Error),
 }
 
 fn setup<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> DemoError + '_ {
@@ -111,7 +109,7 @@ pub async fn run(args: DemoArgs, mut shutdown: watch::Receiver<bool>) -> Result<
     // The publisher stops on the caller's shutdown or when enough events were seen.
     let (stop_tx, stop_rx) = watch::channel(false);
     let stats = Stats::default();
-    let publisher = crate::run::run(config, &stats, stop_rx);
+    let publisher = crate::pipeline::run(config, &stats, stop_rx);
     tokio::pin!(publisher);
 
     let mut producer = tokio::time::interval(Duration::from_secs(1) / args.rate);
@@ -146,9 +144,9 @@ pub async fn run(args: DemoArgs, mut shutdown: watch::Receiver<bool>) -> Result<
             Some(message) = received.next() => {
                 seen += 1;
                 let headers = message.headers.as_ref();
-                let id = headers.and_then(|h| h.get(HEADER_MSG_ID)).map(|v| v.as_str()).unwrap_or("-");
+                let id = headers.and_then(|h| h.get(header::MSG_ID)).map(|v| v.as_str()).unwrap_or("-");
                 let latency = headers
-                    .and_then(|h| h.get(HEADER_COMMIT_TIME))
+                    .and_then(|h| h.get(header::COMMIT_TIME))
                     .and_then(|v| latency_since(v.as_str()));
                 let shown = match latency {
                     Some(ms) => {

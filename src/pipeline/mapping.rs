@@ -1,27 +1,25 @@
-//! Outbox row → JetStream message.
+//! Outbox row → JetStream message: subject, headers, body, event id.
 //!
 //! The user points the tool at their own table: which column holds the event id, the payload,
 //! optional headers and the subject. [`MappingConfig`] is that choice; [`TableMapping`] is it
 //! bound to one table's columns (from its pgoutput Relation message), checked once so that mapping
 //! a row is only a few lookups.
 
-use crate::subject_map::SubjectMap;
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
+use async_nats::Subject;
 use async_nats::header::{HeaderMap, HeaderName, HeaderValue};
 use bytes::Bytes;
 
+use crate::event::{EventRef, OutboxEvent, header};
 use crate::lsn::Lsn;
 use crate::source::pgoutput::{ColumnValue, Relation, Tuple};
+use crate::subject::{SubjectMap, validate_subject};
 
 /// PostgreSQL's type OID for `bytea`.
 const BYTEA_OID: u32 = 17;
-
-pub const HEADER_MSG_ID: &str = "Nats-Msg-Id";
-pub const HEADER_COMMIT_LSN: &str = "Outbox-Commit-Lsn";
-pub const HEADER_TABLE: &str = "Outbox-Table";
-pub const HEADER_COMMIT_TIME: &str = "Outbox-Commit-Time";
 
 /// Which columns of the user's table mean what.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -173,24 +171,6 @@ impl fmt::Display for SubjectTemplate {
     }
 }
 
-/// A valid publish subject: tokens separated by `.`, none empty, no whitespace or control
-/// characters, no wildcards.
-pub fn validate_subject(subject: &str) -> Result<(), String> {
-    if subject.is_empty() {
-        return Err("the subject is empty".into());
-    }
-    if subject.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err("the subject contains whitespace or control characters".into());
-    }
-    if subject.contains(['*', '>']) {
-        return Err("the subject contains a wildcard (`*` or `>`)".into());
-    }
-    if subject.split('.').any(str::is_empty) {
-        return Err("the subject has an empty token (a leading, trailing or double `.`)".into());
-    }
-    Ok(())
-}
-
 /// A configured column the table does not have.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
@@ -207,7 +187,7 @@ pub struct MissingColumn {
 /// The mapping bound to one table.
 #[derive(Debug, Clone)]
 pub struct TableMapping {
-    table: String,
+    table: Arc<str>,
     table_header: HeaderValue,
     id: Option<usize>,
     payload: usize,
@@ -276,7 +256,7 @@ impl TableMapping {
             .transpose()?;
         let table_header = HeaderValue::from_str(&table).unwrap_or_default();
         Ok(TableMapping {
-            table,
+            table: Arc::from(table),
             table_header,
             id,
             payload,
@@ -289,7 +269,7 @@ impl TableMapping {
     }
 
     /// `schema.table`.
-    pub fn table(&self) -> &str {
+    pub fn table(&self) -> &Arc<str> {
         &self.table
     }
 
@@ -320,7 +300,13 @@ impl TableMapping {
             Err(reason) => return Err(self.unmappable(txn, row_index, None, None, reason)),
         };
         let fail = |subject: Option<String>, reason: String| {
-            self.unmappable(txn, row_index, Some(&event_id), subject, reason)
+            self.unmappable(
+                txn,
+                row_index,
+                Some(&event_id),
+                subject.map(Subject::from),
+                reason,
+            )
         };
 
         let subject = self.subject(tuple).map_err(|reason| fail(None, reason))?;
@@ -343,17 +329,17 @@ impl TableMapping {
         }
         // The tool's own headers win over user headers of the same name.
         // Names from `from_static`: inserting them allocates no copy of the name.
-        headers.insert(HeaderName::from_static(HEADER_MSG_ID), event_id.clone());
+        headers.insert(HeaderName::from_static(header::MSG_ID), event_id.clone());
         headers.insert(
-            HeaderName::from_static(HEADER_COMMIT_LSN),
+            HeaderName::from_static(header::COMMIT_LSN),
             txn.commit_lsn_header.clone(),
         );
         headers.insert(
-            HeaderName::from_static(HEADER_TABLE),
+            HeaderName::from_static(header::TABLE),
             self.table_header.clone(),
         );
         headers.insert(
-            HeaderName::from_static(HEADER_COMMIT_TIME),
+            HeaderName::from_static(header::COMMIT_TIME),
             txn.commit_time_header.clone(),
         );
 
@@ -369,11 +355,21 @@ impl TableMapping {
         };
 
         Ok(OutboxEvent {
-            subject,
+            subject: Subject::from(subject),
             headers,
             payload,
             id: event_id,
         })
+    }
+
+    /// Which row `message` is, for error messages and dead letters.
+    pub fn event_ref(&self, message: &OutboxEvent, commit_lsn: Lsn) -> EventRef {
+        EventRef {
+            event_id: message.id.as_str().to_owned(),
+            table: self.table.clone(),
+            subject: Some(message.subject.clone()),
+            commit_lsn,
+        }
     }
 
     /// The row's body as best it can be read, for a dead letter: empty when it cannot be.
@@ -433,16 +429,18 @@ impl TableMapping {
         txn: &TransactionContext,
         row_index: u32,
         event_id: Option<&HeaderValue>,
-        subject: Option<String>,
+        subject: Option<Subject>,
         reason: String,
     ) -> UnmappableRow {
         UnmappableRow {
-            table: self.table.clone(),
-            event_id: event_id
-                .map(|id| id.as_str().to_owned())
-                .unwrap_or_else(|| fallback_id(txn.commit_lsn, row_index).as_str().to_owned()),
-            subject,
-            commit_lsn: txn.commit_lsn,
+            event: EventRef {
+                event_id: event_id
+                    .map(|id| id.as_str().to_owned())
+                    .unwrap_or_else(|| fallback_id(txn.commit_lsn, row_index).as_str().to_owned()),
+                table: self.table.clone(),
+                subject,
+                commit_lsn: txn.commit_lsn,
+            },
             reason,
         }
     }
@@ -481,27 +479,14 @@ fn pg_timestamp_to_system_time(micros: i64) -> std::time::SystemTime {
     }
 }
 
-/// An outbox row ready to publish.
-#[derive(Debug, Clone)]
-pub struct OutboxEvent {
-    pub subject: String,
-    pub headers: HeaderMap,
-    pub payload: Bytes,
-    pub id: HeaderValue,
-}
-
 /// A row that cannot become a message; never dropped silently.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "cannot map outbox row (event id `{event_id}`, table `{table}`, subject {}, commit LSN {commit_lsn}): {reason}. \
-     The row is not skipped: fix its data (or the mapping flags) and restart",
-    subject.as_deref().map(|s| format!("`{s}`")).unwrap_or_else(|| "unknown".into())
+    "cannot map outbox row, {event}: {reason}. The row is not skipped: fix its data (or the \
+     mapping flags) and restart"
 )]
 pub struct UnmappableRow {
-    pub table: String,
-    pub event_id: String,
-    pub subject: Option<String>,
-    pub commit_lsn: Lsn,
+    pub event: EventRef,
     pub reason: String,
 }
 
@@ -664,7 +649,7 @@ mod tests {
             ],
         )
         .unwrap();
-        assert_eq!(event.subject, "outbox.order.created");
+        assert_eq!(event.subject.as_str(), "outbox.order.created");
         assert_eq!(&event.payload[..], br#"{"total":10}"#);
         assert_eq!(header(&event, "Nats-Msg-Id"), Some("6f1c"));
         assert_eq!(header(&event, "trace-id"), Some("abc"));
@@ -726,9 +711,9 @@ mod tests {
         };
         let mapping = TableMapping::bind(&config, &rel).unwrap();
         let event = map_row(&mapping, &[Some(b"7"), Some(b"billing.paid"), Some(b"{}")]).unwrap();
-        assert_eq!(event.subject, "billing.paid");
+        assert_eq!(event.subject.as_str(), "billing.paid");
         let event = map_row(&mapping, &[Some(b"7"), None, Some(b"{}")]).unwrap();
-        assert_eq!(event.subject, "fallback.7");
+        assert_eq!(event.subject.as_str(), "fallback.7");
     }
 
     #[test]
@@ -748,7 +733,7 @@ mod tests {
             )
         };
         let err = row(None).unwrap_err();
-        assert_eq!(err.event_id, "e1");
+        assert_eq!(err.event.event_id, "e1");
         assert!(err.reason.contains("`{aggregate_type}` is NULL"), "{err}");
         assert!(err.to_string().contains("commit LSN 0/16B3748"), "{err}");
 
@@ -761,7 +746,7 @@ mod tests {
         ] {
             let err = row(Some(bad)).unwrap_err();
             assert!(err.reason.contains(why), "{bad:?}: {err}");
-            assert!(err.subject.is_some());
+            assert!(err.event.subject.is_some());
         }
     }
 

@@ -1,20 +1,19 @@
-//! Operator commands: `setup` (check the server, create table, publication and slot) and
-//! `status` (where the slot stands and how much WAL it holds back).
+//! `outbox-cdc setup`: checks the server and creates what is missing — the outbox table, its
+//! publication, the slot — or prints the SQL for it.
 
-use std::fmt::Write as _;
-
-use serde::Serialize;
-
-use crate::config::resolve_database_url;
-use crate::lsn::Lsn;
-use crate::sink::Checkpoint;
+use super::cli::ConfigError;
+use super::run::resolve_database_url;
 use crate::source::connection::DatabaseUrl;
 use crate::source::{Catalog, PublicationName, SlotName, SourceError};
 
+/// The recommended table and publication, as shipped in `sql/outbox.sql`.
+pub const OUTBOX_SQL: &str = include_str!("../../sql/outbox.sql");
+
+/// What `setup` and `status` can fail with.
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
     #[error(transparent)]
-    Config(#[from] crate::config::ConfigError),
+    Config(#[from] ConfigError),
     #[error(transparent)]
     Source(#[from] SourceError),
     #[error(
@@ -42,149 +41,10 @@ pub struct DatabaseArgs {
 }
 
 impl DatabaseArgs {
-    async fn connect(&self) -> Result<Catalog, AdminError> {
+    pub(super) async fn connect(&self) -> Result<Catalog, AdminError> {
         let url: DatabaseUrl = resolve_database_url(self.database_url.clone())?;
         Ok(Catalog::connect(&url).await?)
     }
-}
-
-#[derive(Debug, Clone, clap::Args)]
-pub struct StatusArgs {
-    #[command(flatten)]
-    pub database: DatabaseArgs,
-
-    /// Print one JSON object instead of text.
-    #[arg(long)]
-    pub json: bool,
-
-    /// With a NATS URL (flag, OUTBOX_CDC_NATS_URL or NATS_URL), also show the checkpoint that
-    /// `run --replay-window` keeps.
-    #[command(flatten)]
-    pub nats: crate::config::NatsArgs,
-
-    /// KV bucket of the checkpoint.
-    #[arg(
-        long,
-        env = "OUTBOX_CDC_CHECKPOINT_BUCKET",
-        default_value = "outbox_cdc"
-    )]
-    pub checkpoint_bucket: String,
-}
-
-/// The slot as `status` reports it.
-#[derive(Debug, Clone, Serialize)]
-pub struct SlotStatus {
-    pub slot: String,
-    pub plugin: String,
-    pub database: String,
-    pub active: bool,
-    pub active_pid: Option<i32>,
-    pub confirmed_flush_lsn: Option<String>,
-    pub restart_lsn: Option<String>,
-    pub server_wal_lsn: String,
-    /// WAL between the confirmed position and the server's current position, in bytes.
-    pub lag_bytes: Option<u64>,
-    /// WAL the slot keeps on disk (from `restart_lsn`), in bytes.
-    pub retained_bytes: Option<u64>,
-    pub wal_status: Option<String>,
-    /// The newest published position saved in NATS KV (`run --replay-window`).
-    pub checkpoint_lsn: Option<String>,
-    /// Why there is no checkpoint position, when there is none.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub checkpoint_note: Option<String>,
-}
-
-/// Prints the slot's state; an error when the slot is missing or invalidated.
-pub async fn status(args: StatusArgs) -> Result<(), AdminError> {
-    let catalog = args.database.connect().await?;
-    let slot = &args.database.slot;
-    let state = catalog
-        .slot_state(slot)
-        .await?
-        .ok_or_else(|| AdminError::SlotMissing {
-            slot: slot.to_string(),
-        })?;
-    let server = catalog.current_wal_lsn().await?;
-    let behind = |lsn: Option<Lsn>| lsn.map(|lsn| server.bytes_since(lsn));
-    let (checkpoint_lsn, checkpoint_note) = if args.nats.url().is_none() {
-        (None, Some("not read: no NATS URL given".to_owned()))
-    } else {
-        let (urls, auth) = args.nats.resolve()?;
-        match Checkpoint::read(&urls, &auth, &args.checkpoint_bucket, slot.as_str()).await {
-            Ok(Some(lsn)) => (Some(lsn.to_string()), None),
-            Ok(None) => (
-                None,
-                Some(format!("none saved in bucket `{}`", args.checkpoint_bucket)),
-            ),
-            Err(e) => (None, Some(format!("not read: {e}"))),
-        }
-    };
-    let status = SlotStatus {
-        slot: slot.to_string(),
-        plugin: state.plugin.clone(),
-        database: state.database.clone(),
-        active: state.active_pid.is_some(),
-        active_pid: state.active_pid,
-        confirmed_flush_lsn: state.confirmed_flush_lsn.map(|l| l.to_string()),
-        restart_lsn: state.restart_lsn.map(|l| l.to_string()),
-        server_wal_lsn: server.to_string(),
-        lag_bytes: behind(state.confirmed_flush_lsn),
-        retained_bytes: behind(state.restart_lsn),
-        wal_status: state.wal_status.clone(),
-        checkpoint_lsn,
-        checkpoint_note,
-    };
-    if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&status).unwrap_or_default()
-        );
-    } else {
-        print!("{}", render_status(&status));
-    }
-    if status.wal_status.as_deref() == Some("lost") {
-        return Err(AdminError::SlotLost {
-            slot: slot.to_string(),
-        });
-    }
-    Ok(())
-}
-
-fn render_status(s: &SlotStatus) -> String {
-    let none = || "-".to_owned();
-    let bytes = |b: Option<u64>| b.map_or_else(none, |b| format!("{b} bytes"));
-    let mut out = String::new();
-    let mut line = |key: &str, value: String| {
-        let _ = writeln!(out, "{key:<22}{value}");
-    };
-    line("slot", s.slot.clone());
-    line("plugin", s.plugin.clone());
-    line("database", s.database.clone());
-    line(
-        "active",
-        match s.active_pid {
-            Some(pid) => format!("yes (pid {pid})"),
-            None => "no".into(),
-        },
-    );
-    line(
-        "confirmed_flush_lsn",
-        s.confirmed_flush_lsn.clone().unwrap_or_else(none),
-    );
-    line("restart_lsn", s.restart_lsn.clone().unwrap_or_else(none));
-    line("server WAL LSN", s.server_wal_lsn.clone());
-    line("lag", bytes(s.lag_bytes));
-    line("retained WAL", bytes(s.retained_bytes));
-    line("wal_status", s.wal_status.clone().unwrap_or_else(none));
-    line(
-        "checkpoint",
-        match (&s.checkpoint_lsn, &s.checkpoint_note) {
-            (Some(lsn), _) => lsn.clone(),
-            (None, Some(note)) => format!("- ({note})"),
-            (None, None) => none(),
-        },
-    );
-    out
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -313,7 +173,7 @@ pub fn readiness_problems(ready: &crate::source::ServerReadiness) -> Vec<String>
 
 /// The recommended table from `sql/outbox.sql`, under the given name.
 pub fn create_table_sql(table: &str) -> String {
-    let sql = crate::demo::OUTBOX_SQL;
+    let sql = OUTBOX_SQL;
     let start = sql.find("CREATE TABLE").unwrap_or(0);
     let end = sql[start..].find(");").map_or(sql.len(), |i| start + i + 2);
     sql[start..end].replacen(
@@ -396,28 +256,5 @@ mod tests {
         ] {
             assert!(problems.contains(needle), "{needle} in {problems}");
         }
-    }
-
-    #[test]
-    fn status_text_shows_lag_and_holder() {
-        let text = render_status(&SlotStatus {
-            slot: "outbox_cdc".into(),
-            plugin: "pgoutput".into(),
-            database: "app".into(),
-            active: true,
-            active_pid: Some(42),
-            confirmed_flush_lsn: Some("0/10".into()),
-            restart_lsn: None,
-            server_wal_lsn: "0/20".into(),
-            lag_bytes: Some(16),
-            retained_bytes: None,
-            wal_status: Some("reserved".into()),
-            checkpoint_lsn: Some("0/18".into()),
-            checkpoint_note: None,
-        });
-        assert!(text.contains("checkpoint            0/18"), "{text}");
-        assert!(text.contains("yes (pid 42)"), "{text}");
-        assert!(text.contains("16 bytes"), "{text}");
-        assert!(text.contains("retained WAL          -"), "{text}");
     }
 }

@@ -1,0 +1,38 @@
+//! The commands a user runs: `run`, `setup`, `status`, `demo`. This is the outermost layer: it
+//! parses the command line ([`cli`]) and wires the source, pipeline, sink and HTTP endpoint
+//! together. Nothing below it knows about flags.
+
+pub mod cli;
+pub mod demo;
+pub mod run;
+pub mod setup;
+pub mod status;
+
+use tokio::sync::watch;
+
+pub use cli::{Cli, Command, ConfigError, Invocation, LogFormat, parse_cli};
+
+/// What a command failed with; each says what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error(transparent)]
+    Run(#[from] run::RunError),
+    #[error(transparent)]
+    Admin(#[from] setup::AdminError),
+    #[error(transparent)]
+    Demo(#[from] demo::DemoError),
+}
+
+/// Runs `command` until it is done, fails, or `shutdown` turns true.
+pub async fn execute(
+    command: Command,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), CommandError> {
+    match command {
+        Command::Run(args) => run::execute(*args, shutdown).await?,
+        Command::Setup(args) => setup::setup(args).await?,
+        Command::Status(args) => status::status(args).await?,
+        Command::Demo(args) => demo::run(args, shutdown).await?,
+    }
+    Ok(())
+}

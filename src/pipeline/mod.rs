@@ -1,0 +1,71 @@
+//! The pipeline: WAL events in from the [`source`](crate::source), JetStream publishes out to
+//! the [`sink`](crate::sink), and the position PostgreSQL may discard WAL up to back to the
+//! source.
+//!
+//! ```text
+//!  ReplicationStream ──WalEvent──▶ decode ─▶ mapping ─▶ (poison?) ─▶ JetStreamSink::publish
+//!         ▲                                                              │ acks, in publish order
+//!         └──────── confirm(lsn) ◀── ReplayHold ◀── Watermark ◀──────────┘
+//! ```
+//!
+//! It owns what a row means ([`mapping`]: outbox row → message), what happens to a row that
+//! cannot be published as itself ([`poison`]), the sessions and their supervision
+//! ([`supervisor`]: reconnects, standby, shutdown), and the confirmed position.
+//!
+//! Invariants:
+//! - Publishes are issued in WAL order (transactions in commit order, rows in transaction order)
+//!   on one connection, and their acks are consumed in that same order.
+//! - At most `max_in_flight` publishes await their ack. A transaction larger than that streams
+//!   through; memory is bounded by the window, not by the transaction.
+//! - The confirmed LSN is the end LSN of the newest transaction whose every row is acked — never
+//!   more ([`Watermark`]). With nothing in flight and no transaction open, it may also follow the
+//!   server's keepalive position, so that an idle outbox on a busy database does not pin WAL.
+//! - A row is published as itself, as its dead letter in its place, or the process stops: it is
+//!   never skipped.
+
+mod error;
+pub mod mapping;
+pub mod poison;
+mod replay;
+mod session;
+mod supervisor;
+mod watermark;
+
+use std::time::Duration;
+
+pub use error::{Disposition, Error};
+pub use supervisor::run;
+pub use watermark::Watermark;
+
+use crate::lsn::Lsn;
+use crate::sink::SinkConfig;
+use crate::source::SourceConfig;
+use mapping::MappingConfig;
+use poison::ErrorPolicy;
+
+/// What the pipeline does with rows.
+#[derive(Debug)]
+pub struct PipelineSettings {
+    pub mapping: MappingConfig,
+    pub on_error: ErrorPolicy,
+    pub max_in_flight: usize,
+    pub shutdown_timeout: Duration,
+}
+
+/// Everything `run` needs, checked.
+#[derive(Debug)]
+pub struct RunConfig {
+    pub source: SourceConfig,
+    pub sink: SinkConfig,
+    pub pipeline: PipelineSettings,
+    pub standby_retry: Duration,
+    pub replay: ReplayConfig,
+}
+
+/// Where to start and how much history to keep.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplayConfig {
+    pub start_lsn: Option<Lsn>,
+    pub window: Duration,
+    pub checkpoint_bucket: String,
+}

@@ -1,0 +1,114 @@
+//! The streams events go to: the one `--stream` creates, their duplicate windows checked, and
+//! the account's stream list that fencing needs.
+
+use async_nats::jetstream::{self, stream};
+
+use super::error::get_stream_error;
+use super::fence::Fence;
+use super::{JetStreamSink, MIN_SAFE_DUPLICATE_WINDOW, SinkConfig, SinkError};
+
+impl<T> JetStreamSink<T> {
+    /// Creates the configured stream if missing, checks the duplicate window of the streams
+    /// that will receive our subjects, and (with fencing) learns every stream's subjects.
+    pub async fn prepare(&mut self, config: &SinkConfig) -> Result<(), SinkError> {
+        if let Some(name) = &config.stream {
+            match self.context.get_stream(name).await {
+                Ok(_) => {}
+                Err(err)
+                    if matches!(err.kind(), jetstream::context::GetStreamErrorKind::JetStream(e)
+                        if e.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
+                {
+                    self.context
+                        .create_stream(stream::Config {
+                            name: name.clone(),
+                            subjects: config.capture_subjects.clone(),
+                            duplicate_window: config.duplicate_window,
+                            storage: stream::StorageType::File,
+                            ..Default::default()
+                        })
+                        .await
+                        .map_err(|e| {
+                            let detail = format!("creating stream `{name}`: {e}");
+                            match e.kind() {
+                                jetstream::context::CreateStreamErrorKind::TimedOut
+                                | jetstream::context::CreateStreamErrorKind::JetStreamUnavailable => {
+                                    SinkError::StreamUnavailable(detail)
+                                }
+                                jetstream::context::CreateStreamErrorKind::JetStream(e)
+                                    if e.code() >= 500 =>
+                                {
+                                    SinkError::StreamUnavailable(detail)
+                                }
+                                _ => SinkError::Stream(detail),
+                            }
+                        })?;
+                    tracing::info!(stream = %name, subjects = ?config.capture_subjects,
+                        duplicate_window = ?config.duplicate_window, "created JetStream stream");
+                }
+                Err(err) => return Err(get_stream_error(name, err)),
+            }
+        }
+        let mut names = Vec::new();
+        if let Some(name) = &config.stream {
+            names.push(name.clone());
+        }
+        for subject in &config.capture_subjects {
+            if let Ok(name) = self.context.stream_by_subject(subject.clone()).await
+                && !names.contains(&name)
+            {
+                names.push(name);
+            }
+        }
+        if names.is_empty() && !config.capture_subjects.is_empty() {
+            tracing::warn!(subjects = ?config.capture_subjects,
+                "no JetStream stream captures the outbox subjects yet; publishing will fail until one does");
+        }
+        for name in names {
+            let mut stream = self
+                .context
+                .get_stream(&name)
+                .await
+                .map_err(|e| get_stream_error(&name, e))?;
+            // A failed info request is a timeout or no responders: the server's state, not ours.
+            let info = stream.info().await.map_err(|e| {
+                SinkError::StreamUnavailable(format!("reading stream `{name}`: {e}"))
+            })?;
+            let window = info.config.duplicate_window;
+            if window < MIN_SAFE_DUPLICATE_WINDOW {
+                tracing::warn!(stream = %name, duplicate_window = ?window,
+                    recommended = ?MIN_SAFE_DUPLICATE_WINDOW,
+                    "the stream's duplicate window is short: events re-sent after a restart or failover \
+                     that takes longer than this are stored twice; raise it (e.g. `nats stream edit {name} --dupe-window 10m`)");
+            } else {
+                tracing::info!(stream = %name, duplicate_window = ?window, "JetStream stream ready");
+            }
+        }
+        if config.fencing {
+            self.fence = self.read_fence().await?;
+        }
+        Ok(())
+    }
+
+    /// Every stream of the account with its subjects: publishes are fenced within the stream
+    /// that captures them (subjects never overlap between streams). Streams created later are
+    /// learnt by the next session; until then their subjects go out unfenced.
+    async fn read_fence(&self) -> Result<Fence, SinkError> {
+        use futures::TryStreamExt;
+        let streams: Vec<(String, Vec<String>)> = self
+            .context
+            .streams()
+            .map_ok(|info| (info.config.name, info.config.subjects))
+            .try_collect()
+            .await
+            .map_err(|e| {
+                SinkError::StreamUnavailable(format!(
+                    "listing the streams to fence publishes (`$JS.API.STREAM.LIST`; without that \
+                     permission, run with --no-fencing): {e}"
+                ))
+            })?;
+        let fence = Fence::new(streams);
+        tracing::debug!(streams = ?fence.stream_names().collect::<Vec<_>>(),
+            "fencing publishes with Nats-Expected-Last-Msg-Id");
+        Ok(fence)
+    }
+}
