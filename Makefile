@@ -31,6 +31,7 @@ test-nats-latest: deps $(NATS_LATEST)
 lint: deps
 	cargo fmt --all -- --check
 	cargo clippy --all-targets -- -D warnings
+	cd deploy/prometheus && promtool check rules outbox-cdc-alerts.yml && promtool test rules outbox-cdc-alerts.test.yml
 
 # The benchmarks in a size that fits CI, so they never rot (numbers too small to quote).
 bench-smoke: deps $(NATS_LATEST)

@@ -4,8 +4,9 @@
 //! - **catch-up**: a backlog written first (100-row transactions; then single-row transactions),
 //!   then `outbox-cdc run` started: rows/s from start to the last row stored in JetStream.
 //!   Beside it, on the same WAL and messages: `pg_recvlogical` reading the same publication through
-//!   a pgoutput slot to /dev/null (the walsender's ceiling) and a raw async-nats publish loop of
-//!   the very messages outbox-cdc stored (the broker's ceiling);
+//!   a pgoutput slot to /dev/null (the walsender's ceiling) and a raw publish loop of the very
+//!   messages outbox-cdc stored through outbox-cdc's own sink (the broker's ceiling on the same
+//!   publish path, start-up included as in outbox-cdc's run);
 //! - **live**: single-row transactions at a steady rate; latency from commit (the producer's
 //!   `clock_timestamp()` in the inserting statement, so a little before the commit) to a JetStream
 //!   subscriber receiving the message;
@@ -27,14 +28,18 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use async_nats::HeaderMap;
 use async_nats::jetstream::{self, consumer};
+use async_nats::{HeaderMap, Subject};
 use futures::StreamExt;
+use outbox_cdc::Lsn;
 use outbox_cdc::embedded::find_postgres_binary;
+use outbox_cdc::event::{EventRef, OutboxEvent};
+use outbox_cdc::sink::{JetStreamSink, NatsAuth, SinkConfig};
 use serde::Serialize;
 use support::{Publisher, Received, TestEnv, env_or, unique};
 
@@ -296,7 +301,7 @@ async fn run_catch_up(
 
     let _ = js.delete_stream(&env.stream).await;
     create_stream(env).await;
-    let raw = raw_publish(&env.nats_url, &stored, settings.window).await;
+    let raw = raw_publish(&env.nats_url, &stored, settings).await;
     assert_eq!(
         support::stream_message_count(&js, &env.stream).await,
         rows as u64,
@@ -327,51 +332,72 @@ async fn run_catch_up(
     }
 }
 
-/// The broker's ceiling: the same subjects, headers and bodies, published by a plain async-nats
-/// loop keeping `window` acks in flight, on a single-threaded runtime of its own (as outbox-cdc
-/// runs; it is the faster flavour for this loop too).
-async fn raw_publish(nats_url: &str, messages: &[Received], window: usize) -> f64 {
-    let prepared: Vec<(String, HeaderMap, bytes::Bytes)> = messages
+/// The broker's ceiling: the same subjects, headers and bodies, published through outbox-cdc's
+/// own sink (`JetStreamSink`: the same publish, ack and fencing path, the same window) from
+/// messages built beforehand, on a single-threaded runtime of its own as outbox-cdc runs. Timed
+/// like outbox-cdc's run: from before connecting to the last ack.
+async fn raw_publish(nats_url: &str, messages: &[Received], settings: &Settings) -> f64 {
+    let prepared: Vec<(OutboxEvent, EventRef)> = messages
         .iter()
         .map(|m| {
             let mut headers = HeaderMap::new();
             for (name, value) in &m.headers {
-                headers.append(name.as_str(), value.as_str());
+                // The sink names each publish's predecessor itself.
+                if name != "Nats-Expected-Last-Msg-Id" {
+                    headers.append(name.as_str(), value.as_str());
+                }
             }
-            (m.subject.clone(), headers, m.payload.clone())
+            let subject = Subject::from(m.subject.as_str());
+            let event = EventRef {
+                event_id: m.id.clone(),
+                table: Arc::from("public.outbox"),
+                subject: Some(subject.clone()),
+                commit_lsn: Lsn::ZERO,
+            };
+            let message = OutboxEvent {
+                subject,
+                headers,
+                payload: m.payload.clone(),
+                id: m.id.as_str().into(),
+            };
+            (message, event)
         })
         .collect();
     let count = prepared.len();
-    let nats_url = nats_url.to_owned();
+    let config = SinkConfig {
+        urls: nats_url.parse().expect("the test's NATS URL"),
+        auth: NatsAuth::default(),
+        stream: None,
+        capture_subjects: Vec::new(),
+        duplicate_window: Duration::from_secs(600),
+        ack_timeout: Duration::from_secs(10),
+        max_in_flight: settings.window,
+        fencing: !settings.extra_args.iter().any(|a| a == "--no-fencing"),
+    };
+    let window = settings.window;
     let publish_all = move || {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .expect("a runtime for the raw publish loop");
         runtime.block_on(async move {
-            let client = async_nats::connect(nats_url)
+            let started = Instant::now();
+            let mut sink = JetStreamSink::<()>::connect(&config)
                 .await
                 .expect("connect to NATS");
-            let js = jetstream::ContextBuilder::new()
-                .max_ack_inflight(window + 64)
-                .backpressure_on_inflight(true)
-                .build(client);
-            let started = Instant::now();
-            let mut in_flight = VecDeque::with_capacity(window);
-            for (subject, headers, payload) in prepared {
-                if in_flight.len() >= window {
-                    let ack: jetstream::context::PublishAckFuture =
-                        in_flight.pop_front().expect("a publish in flight");
-                    ack.await.expect("raw publish acked");
+            sink.prepare(&config).await.expect("read the streams");
+            for (message, event) in prepared {
+                while sink.in_flight() >= window {
+                    let (_, ack) = sink.next_ack().await;
+                    ack.expect("raw publish acked");
                 }
-                in_flight.push_back(
-                    js.publish_with_headers(subject, headers, payload)
-                        .await
-                        .expect("raw publish sent"),
-                );
+                sink.publish(message, event, (), true)
+                    .await
+                    .expect("raw publish sent");
             }
-            for ack in in_flight {
-                ack.await.expect("raw publish acked");
+            while sink.in_flight() > 0 {
+                let (_, ack) = sink.next_ack().await;
+                ack.expect("raw publish acked");
             }
             started.elapsed()
         })

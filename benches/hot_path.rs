@@ -24,15 +24,18 @@ use outbox_cdc::source::pgoutput::{self, Message};
 #[allow(dead_code)]
 mod encode;
 
-/// Counts allocations (not frees): what "allocations per event" means below.
+/// Counts allocations and the bytes they ask for (not frees): what "allocations per event" and
+/// "bytes per event" mean below.
 struct CountingAllocator;
 
 static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+static ALLOCATED_BYTES: AtomicU64 = AtomicU64::new(0);
 
 // SAFETY: forwards every call to the system allocator unchanged.
 unsafe impl GlobalAlloc for CountingAllocator {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        ALLOCATED_BYTES.fetch_add(layout.size() as u64, Ordering::Relaxed);
         unsafe { System.alloc(layout) }
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
@@ -40,10 +43,15 @@ unsafe impl GlobalAlloc for CountingAllocator {
     }
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        ALLOCATED_BYTES.fetch_add(layout.size() as u64, Ordering::Relaxed);
         unsafe { System.alloc_zeroed(layout) }
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        ALLOCATED_BYTES.fetch_add(
+            new_size.saturating_sub(layout.size()) as u64,
+            Ordering::Relaxed,
+        );
         unsafe { System.realloc(ptr, layout, new_size) }
     }
 }
@@ -51,15 +59,23 @@ unsafe impl GlobalAlloc for CountingAllocator {
 #[global_allocator]
 static GLOBAL: CountingAllocator = CountingAllocator;
 
-/// Allocations per call of `f`, averaged over many calls.
-fn allocations_per_call(mut f: impl FnMut()) -> f64 {
+/// Allocations and allocated bytes per call of `f`, averaged over many calls.
+fn allocations_per_call(mut f: impl FnMut()) -> (f64, f64) {
     const CALLS: u64 = 10_000;
     f();
     let before = ALLOCATIONS.load(Ordering::Relaxed);
+    let bytes_before = ALLOCATED_BYTES.load(Ordering::Relaxed);
     for _ in 0..CALLS {
         f();
     }
-    (ALLOCATIONS.load(Ordering::Relaxed) - before) as f64 / CALLS as f64
+    (
+        (ALLOCATIONS.load(Ordering::Relaxed) - before) as f64 / CALLS as f64,
+        (ALLOCATED_BYTES.load(Ordering::Relaxed) - bytes_before) as f64 / CALLS as f64,
+    )
+}
+
+fn print_allocations(what: &str, (allocations, bytes): (f64, f64)) {
+    println!("  {what:<28} {allocations:>6.2} {bytes:>8.0}");
 }
 
 const RELATION_ID: u32 = 16_384;
@@ -166,18 +182,18 @@ fn hot_path(c: &mut Criterion) {
 
     let mut watermark = Watermark::new(Lsn::new(0));
     let mut commit = 0;
-    println!("allocations per event:");
-    println!(
-        "  decode insert            {:>6.2}",
+    println!("per event                    allocations    bytes");
+    print_allocations(
+        "decode insert",
         allocations_per_call(|| {
             black_box(decode(&frame));
-        })
+        }),
     );
-    println!(
-        "  decode + map + label     {:>6.2}",
+    print_allocations(
+        "decode + map + event ref",
         allocations_per_call(|| {
             black_box(map(&mapping, &frame, &txn));
-        })
+        }),
     );
     let mut fenced = fence();
     let stream = fenced
@@ -187,21 +203,20 @@ fn hot_path(c: &mut Criterion) {
         stream,
         "0b9f6a52-3f4c-4c39-9a53-7c1b2f0e8d11".parse().expect("id"),
     );
-    println!(
-        "  fence expectation        {:>6.2}",
+    print_allocations(
+        "fence expectation",
         allocations_per_call(|| {
             black_box(fence_expectation(&mut fenced));
-        })
+        }),
     );
-    println!(
-        "  watermark (per event)    {:>6.2}",
-        allocations_per_call(|| watermark_transaction(&mut watermark, &mut commit)) / 100.0
-    );
+    let (allocations, bytes) =
+        allocations_per_call(|| watermark_transaction(&mut watermark, &mut commit));
+    print_allocations("watermark", (allocations / 100.0, bytes / 100.0));
 
     let mut group = c.benchmark_group("per_event");
     group.throughput(Throughput::Elements(1));
     group.bench_function("decode_insert", |b| b.iter(|| decode(black_box(&frame))));
-    group.bench_function("decode_map_label", |b| {
+    group.bench_function("decode_map", |b| {
         b.iter(|| map(&mapping, black_box(&frame), &txn))
     });
     group.bench_function("fence_expectation", |b| {

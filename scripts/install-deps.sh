@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what outbox-cdc's tests, demo and CI need and a fresh machine may lack:
-# PostgreSQL server binaries (initdb, pg_ctl, pg_recvlogical), nats-server, and the
+# PostgreSQL server binaries (initdb, pg_ctl, pg_recvlogical), nats-server, promtool, and the
 # rustfmt/clippy/nextest tools. Idempotent: installs only what is missing.
 set -euo pipefail
 
@@ -15,6 +15,8 @@ if ! have_pg_bin initdb || ! have_pg_bin pg_ctl || ! have_pg_bin pg_recvlogical;
 fi
 command -v psql >/dev/null 2>&1 || apt_packages+=(postgresql-client)
 command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ] || apt_packages+=(nats-server)
+# promtool checks and unit-tests the alert rules in deploy/prometheus (make lint).
+command -v promtool >/dev/null 2>&1 || apt_packages+=(prometheus)
 
 if [ ${#apt_packages[@]} -gt 0 ]; then
   echo "installing ${apt_packages[*]} from Debian's packages" >&2

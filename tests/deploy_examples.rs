@@ -110,7 +110,7 @@ fn the_dockerfile_is_multi_stage_and_runs_as_non_root() {
 }
 
 #[test]
-fn kubernetes_sidecar_has_probes_two_replicas_and_a_valid_config() {
+fn kubernetes_sidecar_has_a_liveness_probe_only_two_replicas_and_a_valid_config() {
     let docs = load("deploy/kubernetes/outbox-cdc.yaml");
     let kind = |k: &str| {
         docs.iter()
@@ -139,9 +139,11 @@ fn kubernetes_sidecar_has_probes_two_replicas_and_a_valid_config() {
         container["livenessProbe"]["httpGet"]["path"].as_str(),
         Some("/healthz")
     );
-    assert_eq!(
-        container["readinessProbe"]["httpGet"]["path"].as_str(),
-        Some("/readyz")
+    // A sidecar's readiness is its application's: a broker outage must not take the
+    // application out of its Service.
+    assert!(
+        container["readinessProbe"].is_badvalue(),
+        "the sidecar must not gate its pod's readiness"
     );
     assert_eq!(container["ports"][0]["containerPort"].as_i64(), Some(9187));
 
@@ -177,4 +179,84 @@ fn kubernetes_sidecar_has_probes_two_replicas_and_a_valid_config() {
     );
     assert!(config.contains("stream = \"ORDERS\"  # flag"), "{config}");
     assert!(!config.contains("change-me"), "{config}");
+}
+
+/// Every series the alert rules and the Grafana dashboard query exists in outbox-cdc's
+/// `/metrics`, so a renamed metric cannot leave an alert that never fires.
+#[test]
+fn alert_rules_and_dashboard_query_only_metrics_outbox_cdc_exposes() {
+    use outbox_cdc::stats::{SkipReason, Stats};
+    let stats = Stats::default();
+    // Labelled families show in the exposition once they have a series.
+    stats.publish_error("publish");
+    stats.skipped(SkipReason::Update, 1);
+    stats.poison_row("unmappable", "fail");
+    let exposition = stats.encode();
+    let mut exposed = std::collections::BTreeSet::new();
+    for line in exposition.lines() {
+        let Some(rest) = line.strip_prefix("# TYPE ") else {
+            continue;
+        };
+        let mut parts = rest.split_whitespace();
+        let (Some(name), Some(kind)) = (parts.next(), parts.next()) else {
+            continue;
+        };
+        match kind {
+            "counter" => {
+                exposed.insert(format!("{name}_total"));
+            }
+            "histogram" => {
+                for suffix in ["_bucket", "_sum", "_count"] {
+                    exposed.insert(format!("{name}{suffix}"));
+                }
+            }
+            _ => {
+                exposed.insert(name.to_owned());
+            }
+        }
+    }
+    assert!(exposed.contains("outbox_cdc_slot_lag_bytes"), "{exposed:?}");
+    for file in [
+        "deploy/prometheus/outbox-cdc-alerts.yml",
+        "deploy/grafana/outbox-cdc.json",
+    ] {
+        let text = std::fs::read_to_string(root().join(file)).expect("read");
+        let mut queried = 0;
+        for (at, _) in text.match_indices("outbox_cdc_") {
+            let name: String = text[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            if name == "outbox_cdc_" {
+                continue; // the prefix, named in a comment
+            }
+            queried += 1;
+            assert!(
+                exposed.contains(&name),
+                "{file} queries `{name}`, which outbox-cdc does not expose; it exposes {exposed:?}"
+            );
+        }
+        assert!(queried > 5, "{file} queries outbox-cdc's metrics");
+    }
+    let rules = load("deploy/prometheus/outbox-cdc-alerts.yml");
+    let alerts: Vec<&str> = rules[0]["groups"][0]["rules"]
+        .as_vec()
+        .expect("rules")
+        .iter()
+        .filter_map(|r| r["alert"].as_str())
+        .collect();
+    for wanted in [
+        "OutboxCdcSlotLagGrowing",
+        "OutboxCdcNoLeader",
+        "OutboxCdcNotReady",
+        "OutboxCdcPoisonRowStopped",
+        "OutboxCdcReconnectStorm",
+    ] {
+        assert!(alerts.contains(&wanted), "{wanted} in {alerts:?}");
+    }
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("deploy/grafana/outbox-cdc.json")).expect("read"),
+    )
+    .expect("the dashboard is JSON");
+    assert!(dashboard["panels"].as_array().is_some_and(|p| p.len() >= 8));
 }

@@ -7,7 +7,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::faults::{Sampler, compare, verdict};
+use support::faults::{Sampler, assert_sampled, compare, verdict};
 use support::proxy::NatsLossyProxy;
 use support::*;
 
@@ -80,7 +80,11 @@ async fn lose_one_publish(extra: &[&str]) -> (support::faults::Verdict, String, 
     let samples = sampler.finish().await;
     let scenario = format!("one publish lost in flight ({})", extra.join(" "));
     (
-        compare(&scenario, 1, &[], &stream, &committed, &samples),
+        {
+            let found = compare(&scenario, 1, &[], &stream, &committed, &samples);
+            assert_sampled(&scenario, &found);
+            found
+        },
         log,
         stream,
     )

@@ -168,7 +168,7 @@ impl Sampler {
             let mut most = 0;
             let mut client = None;
             while !flag.load(Ordering::Relaxed) {
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
                 let Some(c) = connected(&url, &mut client).await else {
                     continue;
                 };
@@ -297,6 +297,26 @@ pub struct Verdict {
     /// Samples where the slot had confirmed more than the stream held.
     pub ahead_of_stream: usize,
     pub samples: usize,
+    /// Samples taken while the stream did not yet hold every event: the ones that could have
+    /// caught the slot running ahead of it.
+    pub telling_samples: usize,
+}
+
+/// Fewest samples a scenario must take for "no sample had the slot ahead" to mean something:
+/// the sampler reads every 20 ms, and every scenario streams for over a second.
+const MIN_SAMPLES: usize = 10;
+const MIN_TELLING_SAMPLES: usize = 3;
+
+/// Panics unless the sampler watched the scenario while events were still on their way.
+pub fn assert_sampled(scenario: &str, verdict: &Verdict) {
+    assert!(
+        verdict.samples >= MIN_SAMPLES && verdict.telling_samples >= MIN_TELLING_SAMPLES,
+        "{scenario}: the sampler took {} samples, {} of them before the stream held every event; \
+         it needs at least {MIN_SAMPLES} and {MIN_TELLING_SAMPLES} to vouch for the slot never \
+         running ahead",
+        verdict.samples,
+        verdict.telling_samples
+    );
 }
 
 /// Compares the stream with the oracle and the samples with both; prints one line of figures
@@ -325,6 +345,7 @@ pub fn verdict(
         oracle.len(),
         "{scenario}: the stream holds events the oracle does not"
     );
+    assert_sampled(scenario, &verdict);
     verdict
 }
 
@@ -368,6 +389,10 @@ pub fn compare(
         .filter(|&(_, covered, stored)| covered as u64 > stored)
         .collect();
     let ahead_of_stream = ahead.len();
+    let telling_samples = samples
+        .iter()
+        .filter(|&&(_, stored)| (stored as usize) < oracle.len())
+        .count();
     if !ahead.is_empty() {
         println!(
             "{scenario}: samples with the slot ahead of the stream (confirmed LSN, events it covers, events stored): {:?}",
@@ -391,7 +416,7 @@ pub fn compare(
     }
     let worst = recovery.iter().max().copied().unwrap_or_default();
     println!(
-        "FAULTS {scenario}: events={} faults={faults} recovery_max={:.2}s lost={lost} duplicated={duplicated} reordered={reordered} slot_ahead_of_stream={ahead_of_stream}/{} samples",
+        "FAULTS {scenario}: events={} faults={faults} recovery_max={:.2}s lost={lost} duplicated={duplicated} reordered={reordered} slot_ahead_of_stream={ahead_of_stream}/{} samples ({telling_samples} telling)",
         oracle.len(),
         worst.as_secs_f64(),
         samples.len()
@@ -403,5 +428,6 @@ pub fn compare(
         reordered,
         ahead_of_stream,
         samples: samples.len(),
+        telling_samples,
     }
 }
