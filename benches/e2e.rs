@@ -353,6 +353,7 @@ async fn raw_publish(nats_url: &str, messages: &[Received], settings: &Settings)
                 table: Arc::from("public.outbox"),
                 subject: Some(subject.clone()),
                 commit_lsn: Lsn::ZERO,
+                row_index: 0,
             };
             let message = OutboxEvent {
                 subject,

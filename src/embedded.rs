@@ -61,8 +61,24 @@ fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-/// Finds a PostgreSQL server binary: on PATH, else the newest under /usr/lib/postgresql.
+/// Names the directory of the PostgreSQL server binaries to use (`initdb`, `pg_ctl`, `psql`,
+/// `pg_basebackup`, …): how the tests run against another server version.
+pub const POSTGRES_BIN_ENV: &str = "OUTBOX_CDC_PG_BIN";
+
+/// Finds a PostgreSQL server binary: in `$OUTBOX_CDC_PG_BIN`, on PATH, else the newest under
+/// /usr/lib/postgresql.
 pub fn find_postgres_binary(name: &'static str) -> Result<PathBuf, EmbeddedError> {
+    if let Some(dir) = std::env::var_os(POSTGRES_BIN_ENV).filter(|d| !d.is_empty()) {
+        let path = Path::new(&dir).join(name);
+        return if path.is_file() {
+            Ok(path)
+        } else {
+            Err(EmbeddedError::Failed {
+                what: format!("finding `{name}`"),
+                detail: format!("{POSTGRES_BIN_ENV}={} has no `{name}`", path.display()),
+            })
+        };
+    }
     if let Some(path) = find_on_path(name) {
         return Ok(path);
     }

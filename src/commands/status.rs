@@ -7,6 +7,7 @@ use serde::Serialize;
 use super::run::NatsArgs;
 use super::setup::{AdminError, DatabaseArgs};
 use crate::lsn::Lsn;
+use crate::pipeline::ProgressRecord;
 use crate::sink::Checkpoint;
 
 #[derive(Debug, Clone, clap::Args)]
@@ -72,7 +73,10 @@ pub async fn status(args: StatusArgs) -> Result<(), AdminError> {
     } else {
         let (urls, auth) = args.nats.resolve()?;
         match Checkpoint::read(&urls, &auth, &args.checkpoint_bucket, slot.as_str()).await {
-            Ok(Some(lsn)) => (Some(lsn.to_string()), None),
+            Ok(Some(value)) => match ProgressRecord::decode(&value) {
+                Ok(record) => (Some(record.lsn.to_string()), None),
+                Err(e) => (None, Some(format!("unreadable: {e}"))),
+            },
             Ok(None) => (
                 None,
                 Some(format!("none saved in bucket `{}`", args.checkpoint_bucket)),

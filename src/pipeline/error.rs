@@ -1,6 +1,7 @@
 //! The one error type the supervisor looks at, and the one place that decides what each error
 //! means: retry, stop, or a poison row (which `--on-error` decides about).
 
+use super::continuity::Gap;
 use super::mapping::{MissingColumn, UnmappableRow};
 use super::poison::PoisonKind;
 use crate::sink::SinkError;
@@ -16,6 +17,8 @@ pub enum Error {
     Unmappable(#[from] UnmappableRow),
     #[error(transparent)]
     Schema(#[from] MissingColumn),
+    #[error(transparent)]
+    Gap(#[from] Box<Gap>),
 }
 
 /// What an error means for the process.
@@ -38,7 +41,9 @@ impl Error {
             Error::Sink(SinkError::Rejected { .. }) => Disposition::Poison(PoisonKind::Rejected),
             Error::Sink(e) if e.is_transient() => Disposition::Transient,
             Error::Source(e) if e.is_transient() => Disposition::Transient,
-            Error::Sink(_) | Error::Source(_) | Error::Schema(_) => Disposition::Fatal,
+            Error::Sink(_) | Error::Source(_) | Error::Schema(_) | Error::Gap(_) => {
+                Disposition::Fatal
+            }
         }
     }
 
@@ -59,6 +64,7 @@ mod tests {
             table: "public.outbox".into(),
             subject: Some("outbox.a.b".into()),
             commit_lsn: Lsn::new(16),
+            row_index: 0,
         }
     }
 

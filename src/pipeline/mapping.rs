@@ -189,7 +189,11 @@ pub struct MissingColumn {
 pub struct TableMapping {
     table: Arc<str>,
     table_header: HeaderValue,
-    id: Option<usize>,
+    /// The event id's column, with its name.
+    id: Option<(usize, String)>,
+    /// `schema.table:`, put before every event id when the publication has more than one table,
+    /// so that two tables' ids cannot collide in JetStream's de-duplication.
+    id_prefix: Option<String>,
     payload: usize,
     payload_is_bytea: bool,
     headers: Option<(usize, String)>,
@@ -205,8 +209,13 @@ enum BoundSegment {
 }
 
 impl TableMapping {
-    /// Binds `config` to `relation`; every configured column must exist.
-    pub fn bind(config: &MappingConfig, relation: &Relation) -> Result<Self, MissingColumn> {
+    /// Binds `config` to `relation`; every configured column must exist. With `qualify_ids`
+    /// (the publication has more than one table) event ids are `schema.table:<id>`.
+    pub fn bind(
+        config: &MappingConfig,
+        relation: &Relation,
+        qualify_ids: bool,
+    ) -> Result<Self, MissingColumn> {
         let table = relation.qualified_name();
         let find = |column: &str, flag: &'static str| {
             relation.column_index(column).ok_or_else(|| MissingColumn {
@@ -221,8 +230,8 @@ impl TableMapping {
             })
         };
         let id = match &config.id_column {
-            Some(column) => Some(find(column, "--id-column")?),
-            None => relation.column_index("id"),
+            Some(column) => Some((find(column, "--id-column")?, column.clone())),
+            None => relation.column_index("id").map(|i| (i, "id".to_owned())),
         };
         let payload = find(&config.payload_column, "--payload-column")?;
         let headers = match &config.headers_column {
@@ -256,6 +265,7 @@ impl TableMapping {
             .transpose()?;
         let table_header = HeaderValue::from_str(&table).unwrap_or_default();
         Ok(TableMapping {
+            id_prefix: qualify_ids.then(|| format!("{table}:")),
             table: Arc::from(table),
             table_header,
             id,
@@ -282,23 +292,9 @@ impl TableMapping {
         txn: &TransactionContext,
         row_index: u32,
     ) -> Result<OutboxEvent, UnmappableRow> {
-        let event_id = match self.id.map(|i| column(tuple, i)).transpose() {
-            Ok(Some(ColumnValue::Text(id))) => std::str::from_utf8(id)
-                .ok()
-                .and_then(|id| HeaderValue::from_str(id).ok())
-                .ok_or_else(|| {
-                    self.unmappable(
-                        txn,
-                        row_index,
-                        None,
-                        None,
-                        "the id is not a valid header value (not UTF-8, or contains a line break)"
-                            .into(),
-                    )
-                })?,
-            Ok(_) => fallback_id(txn.commit_lsn, row_index),
-            Err(reason) => return Err(self.unmappable(txn, row_index, None, None, reason)),
-        };
+        let event_id = self
+            .event_id(tuple, txn, row_index)
+            .map_err(|reason| self.unmappable(txn, row_index, None, None, reason))?;
         let fail = |subject: Option<String>, reason: String| {
             self.unmappable(
                 txn,
@@ -342,6 +338,10 @@ impl TableMapping {
             HeaderName::from_static(header::COMMIT_TIME),
             txn.commit_time_header.clone(),
         );
+        headers.insert(
+            HeaderName::from_static(header::ROW_INDEX),
+            HeaderValue::from(itoa::Buffer::new().format(row_index)),
+        );
 
         let payload = match column(tuple, self.payload) {
             Ok(ColumnValue::Text(text)) if self.payload_is_bytea => match decode_bytea_hex(text) {
@@ -362,13 +362,44 @@ impl TableMapping {
         })
     }
 
-    /// Which row `message` is, for error messages and dead letters.
-    pub fn event_ref(&self, message: &OutboxEvent, commit_lsn: Lsn) -> EventRef {
+    /// Which row `message` is, for error messages, dead letters and the resume point.
+    pub fn event_ref(&self, message: &OutboxEvent, commit_lsn: Lsn, row_index: u32) -> EventRef {
         EventRef {
             event_id: message.id.as_str().to_owned(),
             table: self.table.clone(),
             subject: Some(message.subject.clone()),
             commit_lsn,
+            row_index,
+        }
+    }
+
+    /// The event id: the id column's text, or without one `<commit LSN>:<row index>` (the same
+    /// for every replay of the WAL); qualified by the table when the publication has several.
+    fn event_id(
+        &self,
+        tuple: &Tuple<'_>,
+        txn: &TransactionContext,
+        row_index: u32,
+    ) -> Result<HeaderValue, String> {
+        let id = match &self.id {
+            Some((index, name)) => match column(tuple, *index)? {
+                ColumnValue::Text(id) => std::str::from_utf8(id)
+                    .map_err(|_| format!("the id column `{name}` is not valid UTF-8"))?,
+                _ => return Err(format!("the id column `{name}` is NULL")),
+            },
+            None => return Ok(self.qualified(&fallback_id(txn.commit_lsn, row_index))),
+        };
+        let id = match &self.id_prefix {
+            Some(prefix) => HeaderValue::from_str(&format!("{prefix}{id}")),
+            None => HeaderValue::from_str(id),
+        };
+        id.map_err(|_| "the id is not a valid header value (it contains a line break)".into())
+    }
+
+    fn qualified(&self, id: &str) -> HeaderValue {
+        match &self.id_prefix {
+            Some(prefix) => HeaderValue::from(format!("{prefix}{id}")),
+            None => HeaderValue::from(id),
         }
     }
 
@@ -436,10 +467,15 @@ impl TableMapping {
             event: EventRef {
                 event_id: event_id
                     .map(|id| id.as_str().to_owned())
-                    .unwrap_or_else(|| fallback_id(txn.commit_lsn, row_index).as_str().to_owned()),
+                    .unwrap_or_else(|| {
+                        self.qualified(&fallback_id(txn.commit_lsn, row_index))
+                            .as_str()
+                            .to_owned()
+                    }),
                 table: self.table.clone(),
                 subject,
                 commit_lsn: txn.commit_lsn,
+                row_index,
             },
             reason,
         }
@@ -491,8 +527,8 @@ pub struct UnmappableRow {
 }
 
 /// The id used when the table has no id column: stable across replays of the same WAL.
-pub fn fallback_id(commit_lsn: Lsn, row_index: u32) -> HeaderValue {
-    HeaderValue::from(format!("{commit_lsn}:{row_index}"))
+fn fallback_id(commit_lsn: Lsn, row_index: u32) -> String {
+    format!("{commit_lsn}:{row_index}")
 }
 
 fn column<'a>(tuple: &Tuple<'a>, index: usize) -> Result<ColumnValue<'a>, String> {
@@ -636,7 +672,7 @@ mod tests {
 
     #[test]
     fn maps_the_recommended_table() {
-        let mapping = TableMapping::bind(&MappingConfig::default(), &standard()).unwrap();
+        let mapping = TableMapping::bind(&MappingConfig::default(), &standard(), false).unwrap();
         let event = map_row(
             &mapping,
             &[
@@ -669,7 +705,7 @@ mod tests {
             ("event_type", TEXT),
             ("payload", TEXT),
         ]);
-        let mapping = TableMapping::bind(&MappingConfig::default(), &rel).unwrap();
+        let mapping = TableMapping::bind(&MappingConfig::default(), &rel, false).unwrap();
         let event = map_row(&mapping, &[Some(b"a"), Some(b"b"), Some(b"x")]).unwrap();
         assert_eq!(header(&event, "Nats-Msg-Id"), Some("0/16B3748:3"));
         assert_eq!(event.headers.get("headers"), None);
@@ -681,7 +717,7 @@ mod tests {
             payload_column: "body".into(),
             ..MappingConfig::default()
         };
-        let err = TableMapping::bind(&config, &standard()).unwrap_err();
+        let err = TableMapping::bind(&config, &standard(), false).unwrap_err();
         let text = err.to_string();
         assert!(text.contains("no column `body`"), "{text}");
         assert!(text.contains("--payload-column"), "{text}");
@@ -691,14 +727,14 @@ mod tests {
             subject_template: Some("x.{tenant}".parse().unwrap()),
             ..MappingConfig::default()
         };
-        let err = TableMapping::bind(&config, &standard()).unwrap_err();
+        let err = TableMapping::bind(&config, &standard(), false).unwrap_err();
         assert!(err.to_string().contains("no column `tenant`"));
 
         let config = MappingConfig {
             id_column: Some("event_id".into()),
             ..MappingConfig::default()
         };
-        assert!(TableMapping::bind(&config, &standard()).is_err());
+        assert!(TableMapping::bind(&config, &standard(), false).is_err());
     }
 
     #[test]
@@ -709,7 +745,7 @@ mod tests {
             subject_template: Some("fallback.{id}".parse().unwrap()),
             ..MappingConfig::default()
         };
-        let mapping = TableMapping::bind(&config, &rel).unwrap();
+        let mapping = TableMapping::bind(&config, &rel, false).unwrap();
         let event = map_row(&mapping, &[Some(b"7"), Some(b"billing.paid"), Some(b"{}")]).unwrap();
         assert_eq!(event.subject.as_str(), "billing.paid");
         let event = map_row(&mapping, &[Some(b"7"), None, Some(b"{}")]).unwrap();
@@ -718,7 +754,7 @@ mod tests {
 
     #[test]
     fn rejects_rows_that_cannot_become_a_subject() {
-        let mapping = TableMapping::bind(&MappingConfig::default(), &standard()).unwrap();
+        let mapping = TableMapping::bind(&MappingConfig::default(), &standard(), false).unwrap();
         let row = |agg: Option<&'static [u8]>| {
             map_row(
                 &mapping,
@@ -752,7 +788,7 @@ mod tests {
 
     #[test]
     fn rejects_headers_that_are_not_a_json_object() {
-        let mapping = TableMapping::bind(&MappingConfig::default(), &standard()).unwrap();
+        let mapping = TableMapping::bind(&MappingConfig::default(), &standard(), false).unwrap();
         for (headers, why) in [
             (&b"[1,2]"[..], "an array"),
             (b"\"x\"", "a string"),
@@ -796,7 +832,7 @@ mod tests {
             subject_template: Some("ev.{event_type}".parse().unwrap()),
             ..MappingConfig::default()
         };
-        let mapping = TableMapping::bind(&config, &rel).unwrap();
+        let mapping = TableMapping::bind(&config, &rel, false).unwrap();
         let event = map_row(&mapping, &[Some(b"1"), Some(b"t"), Some(b"\\x00ff10")]).unwrap();
         assert_eq!(&event.payload[..], &[0x00, 0xff, 0x10]);
         let event = map_row(&mapping, &[Some(b"1"), Some(b"t"), None]).unwrap();

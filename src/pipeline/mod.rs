@@ -23,9 +23,11 @@
 //! - A row is published as itself, as its dead letter in its place, or the process stops: it is
 //!   never skipped.
 
+mod continuity;
 mod error;
 pub mod mapping;
 pub mod poison;
+mod progress;
 mod replay;
 mod session;
 mod supervisor;
@@ -33,7 +35,9 @@ mod watermark;
 
 use std::time::Duration;
 
+pub use continuity::Gap;
 pub use error::{Disposition, Error};
+pub use progress::ProgressRecord;
 pub use supervisor::run;
 pub use watermark::Watermark;
 
@@ -60,6 +64,8 @@ pub struct RunConfig {
     pub pipeline: PipelineSettings,
     pub standby_retry: Duration,
     pub replay: ReplayConfig,
+    /// Go on past the gap found at start (see [`continuity`]), once.
+    pub accept_gap: bool,
 }
 
 /// Where to start and how much history to keep.

@@ -102,6 +102,10 @@ impl PoisonRow {
             header::COMMIT_LSN,
             header_value(&event.commit_lsn.to_string()),
         );
+        headers.insert(
+            header::ROW_INDEX,
+            itoa::Buffer::new().format(event.row_index),
+        );
         if let Some(original) = &event.subject {
             headers.insert(HEADER_ORIGINAL_SUBJECT, header_value(original.as_str()));
         }
@@ -200,6 +204,7 @@ mod tests {
                 table: "public.outbox".into(),
                 subject: None,
                 commit_lsn: Lsn::new(0x1_0000_0010),
+                row_index: 3,
             },
             payload: Bytes::from_static(payload),
             payload_size: payload.len(),
@@ -221,6 +226,7 @@ mod tests {
         assert_eq!(h(HEADER_EVENT_ID).as_deref(), Some("42"));
         assert_eq!(h(header::TABLE).as_deref(), Some("public.outbox"));
         assert_eq!(h(header::COMMIT_LSN).as_deref(), Some("1/10"));
+        assert_eq!(h(header::ROW_INDEX).as_deref(), Some("3"));
         assert_eq!(h(HEADER_ORIGINAL_SUBJECT), None);
         assert_eq!(h(HEADER_PAYLOAD_SIZE).as_deref(), Some("7"));
     }

@@ -1,6 +1,6 @@
 //! One replication session: WAL events in, publishes out, the confirmed position back.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -11,12 +11,13 @@ use super::PipelineSettings;
 use super::error::{Disposition, Error};
 use super::mapping::{TableMapping, TransactionContext};
 use super::poison::{ErrorPolicy, PoisonKind, PoisonRow, RefusedRows};
+use super::progress::Progress;
 use super::replay::ReplayHold;
 use super::watermark::Watermark;
 use crate::event::{EventRef, OutboxEvent};
 use crate::lsn::Lsn;
 use crate::sink::{
-    AckError, AckOutcome, Checkpoint, ConnectionLost, JetStreamSink, Published, Sent, SinkError,
+    AckError, AckOutcome, ConnectionLost, JetStreamSink, Published, Sent, SinkError,
 };
 use crate::source::pgoutput::{self, Insert, Message, SkippedKind};
 use crate::source::{ReplicationStream, SourceError, WalEvent};
@@ -99,7 +100,7 @@ enum Next {
 }
 
 /// Where a session starts.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct SessionStart {
     /// The newest position known durable downstream: in this process, per the checkpoint, or the
     /// slot's own.
@@ -107,6 +108,10 @@ pub struct SessionStart {
     /// Transactions that committed before this LSN are read but not published (`--start-lsn`,
     /// or what the checkpoint says was already published).
     pub skip_before: Lsn,
+    /// The publication's tables (`schema.table`) when the session started.
+    pub tables: HashSet<String>,
+    /// The publication has more than one table: event ids are qualified by it.
+    pub qualify_ids: bool,
 }
 
 /// One replication session: runs until shutdown or the first error.
@@ -118,8 +123,10 @@ pub struct Session<'a> {
     stats: &'a Stats,
     watermark: Watermark,
     carry: &'a mut Carryover,
-    checkpoint: Option<Checkpoint>,
+    progress: Progress,
     skip_before: Lsn,
+    tables_at_start: HashSet<String>,
+    qualify_ids: bool,
     /// The open transaction committed before `skip_before`.
     skipping: bool,
     tables: HashMap<u32, TableMapping>,
@@ -143,7 +150,7 @@ impl<'a> Session<'a> {
         stats: &'a Stats,
         start: SessionStart,
         carry: &'a mut Carryover,
-        checkpoint: Option<Checkpoint>,
+        progress: Progress,
     ) -> Self {
         Session {
             settings,
@@ -153,8 +160,10 @@ impl<'a> Session<'a> {
             stats,
             watermark: Watermark::new(start.progress),
             carry,
-            checkpoint,
+            progress,
             skip_before: start.skip_before,
+            tables_at_start: start.tables,
+            qualify_ids: start.qualify_ids,
             skipping: false,
             tables: HashMap::new(),
             transaction: None,
@@ -170,24 +179,30 @@ impl<'a> Session<'a> {
         mut self,
         shutdown: &mut watch::Receiver<bool>,
     ) -> (Lsn, Result<SessionEnd, Error>) {
-        let result = match self.stream_events(shutdown).await {
-            Ok(Next::Continue) => Ok(self.drain().await),
+        let streamed = self.stream_events(shutdown).await;
+        // Every wait from here on ends by one deadline: --shutdown-timeout after shutdown was
+        // asked for (a restart to publish a dead letter gets the same bound).
+        let deadline = Instant::now() + self.settings.shutdown_timeout;
+        let result = match streamed {
+            Ok(Next::Continue) => Ok(self.drain(deadline).await),
             Ok(Next::Restart) => Ok(SessionEnd::Restart),
             Err(err) => Err(err),
         };
         let progress = self.watermark.confirmed();
         if result.is_ok() {
-            if let Err(err) = self.save_checkpoint().await {
-                tracing::warn!(error = %err, "could not save the checkpoint at the session's end");
+            match tokio::time::timeout_at(deadline, self.save_progress()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => {
+                    tracing::warn!(error = %err, "could not save the checkpoint at the session's end")
+                }
+                Err(_) => tracing::warn!(
+                    "the checkpoint was not saved before the shutdown timeout (the next start reads again from the slot)"
+                ),
             }
             // Ended cleanly, the walsender releases the slot at once: the next session (or
             // instance) need not wait for PostgreSQL to notice a dropped connection.
-            self.stream
-                .finish(
-                    self.carry.hold.released(),
-                    self.settings.shutdown_timeout.max(Duration::from_secs(2)),
-                )
-                .await;
+            let confirmed = self.reportable();
+            self.stream.finish(confirmed, deadline).await;
         }
         (progress, result)
     }
@@ -224,10 +239,10 @@ impl<'a> Session<'a> {
         }
     }
 
-    /// Waits for in-flight acks, bounded by the shutdown timeout.
-    async fn drain(&mut self) -> SessionEnd {
-        self.sink.flush().await;
-        let deadline = Instant::now() + self.settings.shutdown_timeout;
+    /// Waits for in-flight acks until `deadline`.
+    async fn drain(&mut self, deadline: Instant) -> SessionEnd {
+        // A connection that is down (or reconnecting) takes nothing: the flush is bounded too.
+        let _ = tokio::time::timeout_at(deadline, self.sink.flush()).await;
         while self.sink.in_flight() > 0
             && let Ok((published, outcome)) =
                 tokio::time::timeout_at(deadline, self.sink.next_ack()).await
@@ -293,7 +308,9 @@ impl<'a> Session<'a> {
         })?;
         match message {
             Message::Relation(relation) => {
-                let mapping = TableMapping::bind(&self.settings.mapping, &relation)?;
+                // (A partition's Relation arrives too when its root publishes it.)
+                let mapping =
+                    TableMapping::bind(&self.settings.mapping, &relation, self.qualify_ids)?;
                 tracing::debug!(table = %mapping.table(), relation_id = relation.id, "bound table mapping");
                 self.tables.insert(relation.id, mapping);
             }
@@ -318,6 +335,14 @@ impl<'a> Session<'a> {
             }
             .into());
         };
+        if !self.tables_at_start.contains(mapping.table().as_ref()) {
+            // Its ids may need qualifying, and its columns checking: a new session reads the
+            // publication's tables again.
+            return Err(SourceError::PublicationChanged {
+                table: mapping.table().to_string(),
+            }
+            .into());
+        }
         if self.skipping {
             self.skipped.add(SkipReason::BeforeStartLsn);
             return Ok(Next::Continue);
@@ -327,7 +352,7 @@ impl<'a> Session<'a> {
         let commit_time = txn.commit_time;
         let outgoing = match mapping.map(&insert.tuple, frame, txn, row_index) {
             Ok(message) => {
-                let event = mapping.event_ref(&message, txn.commit_lsn);
+                let event = mapping.event_ref(&message, txn.commit_lsn, row_index);
                 self.as_event_or_refused(message, event, commit_time)
             }
             Err(unmappable) => {
@@ -377,6 +402,10 @@ impl<'a> Session<'a> {
         } = outgoing;
         let fenced = self.carry.fenced(&event);
         let sent = match self.sink.publish(message, event, in_flight, fenced).await {
+            Ok(Sent::AlreadyStored) => {
+                self.stats.already_stored.inc();
+                return Ok(Next::Continue);
+            }
             Ok(sent) => sent,
             Err(err) => {
                 self.stats.publish_error(err.kind());
@@ -538,15 +567,16 @@ impl<'a> Session<'a> {
         Ok(Next::Restart)
     }
 
-    /// Once a second: proof of life for /healthz, the replay hold's release, the checkpoint.
+    /// Once a second: proof of life for /healthz, the checkpoint, then what it and the replay
+    /// hold let PostgreSQL know.
     async fn on_tick(&mut self) -> Result<(), Error> {
         self.stats.beat();
+        self.save_progress().await?;
         let now = Instant::now();
-        if self.carry.hold.release(now) {
-            self.report();
-        }
+        self.carry.hold.release(now);
+        self.report();
         self.log_progress(now);
-        self.save_checkpoint().await
+        Ok(())
     }
 
     fn log_progress(&mut self, now: Instant) {
@@ -560,17 +590,21 @@ impl<'a> Session<'a> {
             }
         };
         if due {
-            tracing::info!(last_acked_commit_lsn = %commit, confirmed_lsn = %self.carry.hold.released(),
+            tracing::info!(last_acked_commit_lsn = %commit, confirmed_lsn = %self.reportable(),
                 "progress: every transaction up to this commit LSN is in JetStream");
             self.logged_commit = Some((now, commit));
         }
     }
 
-    async fn save_checkpoint(&mut self) -> Result<(), Error> {
-        if let Some(checkpoint) = &mut self.checkpoint {
-            checkpoint.save(self.watermark.confirmed()).await?;
-        }
+    async fn save_progress(&mut self) -> Result<(), Error> {
+        self.progress.save(self.watermark.confirmed()).await?;
         Ok(())
+    }
+
+    /// What PostgreSQL may be told: what the replay window releases, and never past what the
+    /// checkpoint holds (see [`super::progress`]).
+    fn reportable(&self) -> Lsn {
+        self.carry.hold.released().min(self.progress.saved())
     }
 
     /// The watermark moved: record it, and report what the replay window lets go.
@@ -585,7 +619,7 @@ impl<'a> Session<'a> {
     }
 
     fn report(&mut self) {
-        let lsn = self.carry.hold.released();
+        let lsn = self.reportable();
         self.stream.confirm(lsn);
         self.stats.confirmed_lsn.set(lsn.as_u64());
     }

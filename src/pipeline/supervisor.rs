@@ -1,31 +1,32 @@
 //! The supervisor: checks, then replication sessions until shutdown.
 //!
 //! A session is one NATS connection plus one `START_REPLICATION`. Transient failures (a lost
-//! connection, an ack timeout, a server restart) end the session; the next one starts after an
-//! exponential backoff from the slot's confirmed position, so nothing is lost and JetStream
-//! de-duplicates what is re-sent. Permanent failures (bad configuration, an unmappable row, no
-//! stream for a subject) end the process with a message saying what to fix.
+//! connection, an ack timeout, a server restart, a failover under way) end the session; the next
+//! one starts after an exponential backoff — from its first step again after a session that
+//! streamed — from the slot's confirmed position, and what its streams hold already is not sent
+//! again. Permanent failures (bad configuration, a poison row with `--on-error fail`, a gap in
+//! the history, see [`super::continuity`]) end the process with a message saying what to do.
 //!
 //! Leader election is the slot itself: PostgreSQL lets one connection stream from a slot. An
 //! instance that finds it busy (SQLSTATE 55006) is a standby and retries every `standby_retry`.
 
-use std::time::{Duration, Instant};
+use std::collections::HashSet;
+use std::time::Duration;
 
 use backon::BackoffBuilder;
 use tokio::sync::watch;
 
 use super::RunConfig;
+use super::continuity::{self, Gap, Published};
 use super::error::Error;
 use super::mapping::TableMapping;
+use super::progress::{Progress, ProgressRecord};
 use super::replay::ReplayHold;
 use super::session::{Carryover, Session, SessionEnd, SessionStart, Sink};
 use crate::lsn::Lsn;
-use crate::sink::Checkpoint;
-use crate::source::{Catalog, ReplicationStream, SourceError};
+use crate::sink::{Checkpoint, SinkError};
+use crate::source::{Catalog, PendingStream, ReplicationStream, SlotState, SourceError};
 use crate::stats::Stats;
-
-/// A session that ran this long resets the backoff: it was not failing in a loop.
-const HEALTHY_SESSION: Duration = Duration::from_secs(10);
 
 fn backoff() -> impl Iterator<Item = Duration> {
     backon::ExponentialBuilder::default()
@@ -45,24 +46,31 @@ pub async fn run(
 ) -> Result<(), Error> {
     let mut supervisor = Supervisor {
         carry: Carryover::new(ReplayHold::new(config.replay.window, Lsn::ZERO)),
+        accept_gap: config.accept_gap,
         config,
         stats,
         catalog: None,
         progress: Lsn::ZERO,
         skip_before: Lsn::ZERO,
         streamed: false,
+        streamed_this_session: false,
         role: Role::Starting,
+        warned_no_failover: false,
     };
     let mut delays = backoff();
     loop {
         if *shutdown.borrow() {
             return Ok(());
         }
-        let started = Instant::now();
-        match supervisor.session(&mut shutdown).await {
+        let outcome = supervisor.session(&mut shutdown).await;
+        if supervisor.streamed_this_session {
+            // It was not failing in a loop: a failure after it retries at once-ish.
+            delays = backoff();
+        }
+        match outcome {
             Ok(SessionEnd::Shutdown { drained }) => {
                 tracing::info!(
-                    confirmed_lsn = %supervisor.carry.hold.released(),
+                    confirmed_lsn = %Lsn::new(stats.confirmed_lsn.get()),
                     last_acked_commit_lsn = %Lsn::new(stats.last_acked_commit_lsn.get()),
                     drained,
                     published = stats.published.get(),
@@ -71,7 +79,7 @@ pub async fn run(
                 );
                 return Ok(());
             }
-            // Not a failure: the backoff is left as it is.
+            // Not a failure: the next session publishes a dead letter in its row's place.
             Ok(SessionEnd::Restart) => {}
             Err(Error::Source(SourceError::SlotBusy { slot, pid })) => {
                 supervisor.standby(&slot, pid);
@@ -81,11 +89,8 @@ pub async fn run(
             }
             Err(err) if err.is_transient() => {
                 // Its connection may be what failed, or share a stuck network path with it: the
-                // next session opens a fresh one.
+                // next session opens a fresh one (and after a failover finds the new primary).
                 supervisor.catalog = None;
-                if started.elapsed() >= HEALTHY_SESSION {
-                    delays = backoff();
-                }
                 let delay = delays.next().unwrap_or(Duration::from_secs(10));
                 stats.reconnects.inc();
                 tracing::warn!(error = %err, retry_in = ?delay, "transient failure; retrying with backoff");
@@ -121,86 +126,47 @@ struct Supervisor<'a> {
     skip_before: Lsn,
     /// A session has streamed: --start-lsn and the checkpoint applied to the first one.
     streamed: bool,
+    /// The last session reached streaming.
+    streamed_this_session: bool,
+    /// `--accept-gap`, until a session has streamed past the gap it accepted.
+    accept_gap: bool,
     role: Role,
+    warned_no_failover: bool,
+}
+
+/// A session ready to stream.
+struct Ready {
+    stream: ReplicationStream,
+    sink: Sink,
+    progress: Progress,
+    start: SessionStart,
 }
 
 impl Supervisor<'_> {
     async fn session(&mut self, shutdown: &mut watch::Receiver<bool>) -> Result<SessionEnd, Error> {
-        let source = &self.config.source;
-        let catalog = match self.catalog.take() {
-            Some(catalog) if !catalog.is_closed() => catalog,
-            _ => Catalog::connect(&source.database).await?,
+        self.streamed_this_session = false;
+        // Nothing is in flight while a session is being prepared: shutdown need not wait for a
+        // server that does not answer.
+        let ready = tokio::select! {
+            biased;
+            _ = shutdown_requested(shutdown) => return Ok(SessionEnd::Shutdown { drained: true }),
+            ready = self.prepare() => ready?,
         };
-        let catalog = self.catalog.insert(catalog);
-        catalog.check_wal_level().await?;
-        // Check the mapping against every published table before streaming, so a wrong flag
-        // fails at start rather than at the first event.
-        for table in catalog.publication_tables(&source.publication).await? {
-            TableMapping::bind(&self.config.pipeline.mapping, &table)?;
-        }
-        let slot = catalog
-            .ensure_slot(&source.slot, source.create_slot)
-            .await?;
-        if let Some(pid) = slot.active_pid {
-            return Err(SourceError::SlotBusy {
-                slot: source.slot.to_string(),
-                pid: Some(pid),
-            }
-            .into());
-        }
-        let slot_lsn = slot.confirmed_flush_lsn.unwrap_or(Lsn::ZERO);
-        let replay = &self.config.replay;
-        if !self.streamed
-            && let Some(start) = replay.start_lsn
-            && start < slot_lsn
-        {
-            return Err(SourceError::StartLsnUnavailable {
-                slot: source.slot.to_string(),
-                requested: start,
-                oldest: slot_lsn,
-            }
-            .into());
-        }
-
-        let mut sink = Sink::connect(&self.config.sink).await?;
-        sink.prepare(&self.config.sink).await?;
-        let (checkpoint, saved) = if replay.window.is_zero() {
-            (None, None)
-        } else {
-            let (checkpoint, saved) = Checkpoint::open(
-                sink.context(),
-                &replay.checkpoint_bucket,
-                source.slot.as_str(),
-            )
-            .await?;
-            (Some(checkpoint), saved)
-        };
-        if !self.streamed {
-            self.skip_before = match (replay.start_lsn, saved) {
-                (Some(start), _) => start,
-                (None, Some(saved)) => saved,
-                (None, None) => Lsn::ZERO,
-            };
-            self.carry.hold = ReplayHold::new(replay.window, slot_lsn);
-            tracing::info!(slot_confirmed_lsn = %slot_lsn, checkpoint = ?saved.map(|l| l.to_string()),
-                skip_before = %self.skip_before, "start position");
-        }
-        self.progress = self.progress.max(slot_lsn);
-        self.skip_before = self.skip_before.max(self.progress);
-        self.carry.refused.forget_before(self.skip_before);
-
-        let stream = ReplicationStream::start(source, self.carry.hold.released(), catalog).await?;
+        let Ready {
+            stream,
+            mut sink,
+            progress,
+            start,
+        } = ready;
         self.streamed = true;
+        self.streamed_this_session = true;
+        self.accept_gap = false;
         if self.role != Role::Leader {
-            tracing::info!(slot = %source.slot, from = %slot_lsn,
+            tracing::info!(slot = %self.config.source.slot, from = %self.progress,
                 "took the replication slot: this instance is the leader and streams");
             self.role = Role::Leader;
             self.stats.set_role(crate::stats::Role::Leader);
         }
-        let start = SessionStart {
-            progress: self.progress,
-            skip_before: self.skip_before,
-        };
         let session = Session::new(
             &self.config.pipeline,
             stream,
@@ -208,11 +174,202 @@ impl Supervisor<'_> {
             self.stats,
             start,
             &mut self.carry,
-            checkpoint,
+            progress,
         );
         let (progress, result) = session.run(shutdown).await;
         self.progress = self.progress.max(progress);
         result
+    }
+
+    /// Everything before streaming: the server and the mapping checked, the slot, the streams
+    /// and the checkpoint read, the history checked for gaps, the slot created if need be.
+    async fn prepare(&mut self) -> Result<Ready, Error> {
+        let catalog = match self.catalog.take() {
+            Some(catalog) if !catalog.is_closed() => catalog,
+            _ => Catalog::connect(&self.config.source.database).await?,
+        };
+        let ready = self.prepare_on(&catalog).await;
+        self.catalog = Some(catalog);
+        ready
+    }
+
+    async fn prepare_on(&mut self, catalog: &Catalog) -> Result<Ready, Error> {
+        let source = self.config.source.clone();
+        catalog.check_wal_level().await?;
+        // Check the mapping against every published table before streaming, so a wrong flag
+        // fails at start rather than at the first event.
+        let tables = catalog.publication_tables(&source.publication).await?;
+        let qualify_ids = tables.len() > 1;
+        for table in &tables {
+            TableMapping::bind(&self.config.pipeline.mapping, table, qualify_ids)?;
+        }
+        if qualify_ids && !self.streamed {
+            tracing::info!(tables = ?tables.iter().map(|t| t.qualified_name()).collect::<Vec<_>>(),
+                "the publication has several tables: event ids (Nats-Msg-Id) are `schema.table:<id>`, so theirs cannot collide");
+        }
+        let slot_state = catalog.slot_state(&source.slot).await?;
+        if let Some(state) = &slot_state {
+            catalog.check_slot(&source.slot, state)?;
+            if let Some(pid) = state.active_pid {
+                return Err(SourceError::SlotBusy {
+                    slot: source.slot.to_string(),
+                    pid: Some(pid),
+                }
+                .into());
+            }
+        }
+
+        let mut sink = Sink::connect(&self.config.sink).await?;
+        sink.prepare(&self.config.sink).await?;
+        let bucket = &self.config.replay.checkpoint_bucket;
+        let (checkpoint, saved) =
+            Checkpoint::open(sink.context(), bucket, source.slot.as_str()).await?;
+        let record = saved
+            .map(|value| ProgressRecord::decode(&value))
+            .transpose()
+            .map_err(|detail| SinkError::Checkpoint {
+                bucket: bucket.clone(),
+                detail: format!("key `{}`: {detail}", source.slot),
+            })?;
+        let published = Published {
+            stream_end: sink.stream_end(),
+            record: record.clone(),
+        };
+        let mut gap_accepted = false;
+        let slot = match slot_state {
+            Some(state) => {
+                let slot_lsn = state.confirmed_flush_lsn.unwrap_or(Lsn::ZERO);
+                gap_accepted |= self.gate(continuity::slot_position(
+                    &source.slot,
+                    slot_lsn,
+                    &published,
+                ))?;
+                state
+            }
+            None => {
+                let missing = || SourceError::SlotMissing {
+                    slot: source.slot.to_string(),
+                    create_sql: catalog.create_slot_sql(&source.slot),
+                };
+                if !source.create_slot {
+                    return Err(missing().into());
+                }
+                gap_accepted |=
+                    self.gate(continuity::before_creating_slot(&source.slot, &published))?;
+                catalog.create_slot(&source.slot).await?;
+                let state = catalog
+                    .slot_state(&source.slot)
+                    .await?
+                    .ok_or_else(missing)?;
+                catalog.check_slot(&source.slot, &state)?;
+                state
+            }
+        };
+        self.warn_without_failover(catalog.has_failover_slots(), &slot);
+        let slot_lsn = slot.confirmed_flush_lsn.unwrap_or(Lsn::ZERO);
+        let replay = &self.config.replay;
+        if !self.streamed {
+            if let Some(start) = replay.start_lsn
+                && start < slot_lsn
+            {
+                return Err(SourceError::StartLsnUnavailable {
+                    slot: source.slot.to_string(),
+                    requested: start,
+                    oldest: slot_lsn,
+                }
+                .into());
+            }
+            let saved = record.as_ref().map(|r| r.lsn).filter(|_| !gap_accepted);
+            self.skip_before = replay.start_lsn.or(saved).unwrap_or(Lsn::ZERO);
+            self.carry.hold = ReplayHold::new(replay.window, slot_lsn);
+            tracing::info!(slot_confirmed_lsn = %slot_lsn, checkpoint = ?saved.map(|l| l.to_string()),
+                stream_end = ?published.stream_end.as_ref().map(|e| e.commit_lsn.to_string()),
+                skip_before = %self.skip_before, "start position");
+        }
+        self.progress = self.progress.max(slot_lsn);
+        self.skip_before = self.skip_before.max(self.progress);
+        self.carry.refused.forget_before(self.skip_before);
+
+        let mut pending =
+            ReplicationStream::connect(&source, self.carry.hold.released(), catalog).await?;
+        gap_accepted |= self.check_history(&mut pending, &published).await?;
+        let identity = pending.identity();
+        // The record goes on from what it said, unless a gap was accepted: then from the slot.
+        let lsn = match &record {
+            Some(record) if !gap_accepted => record.lsn.max(slot_lsn),
+            _ => slot_lsn,
+        };
+        let progress = Progress::start(
+            checkpoint,
+            ProgressRecord {
+                lsn,
+                system_id: Some(identity.system_id.clone()),
+                timeline: Some(identity.timeline),
+            },
+        )
+        .await?;
+        let stream = pending.start().await?;
+        Ok(Ready {
+            stream,
+            sink,
+            progress,
+            start: SessionStart {
+                progress: self.progress,
+                skip_before: self.skip_before,
+                tables: tables
+                    .iter()
+                    .map(|t| t.qualified_name())
+                    .collect::<HashSet<_>>(),
+                qualify_ids,
+            },
+        })
+    }
+
+    /// The server's history must hold what was published (see [`continuity::history`]).
+    async fn check_history(
+        &mut self,
+        pending: &mut PendingStream,
+        published: &Published,
+    ) -> Result<bool, Error> {
+        let current = pending.identity().timeline;
+        let ancestry = match published.record.as_ref().and_then(|r| r.timeline) {
+            Some(timeline) if timeline != current => Some(pending.ancestry(timeline).await?),
+            _ => None,
+        };
+        if let Some(ancestry) = ancestry {
+            tracing::info!(
+                timeline = current,
+                ?ancestry,
+                "the database is on another timeline than when outbox-cdc last confirmed (a failover or a restore)"
+            );
+        }
+        self.gate(continuity::history(pending.identity(), ancestry, published))
+    }
+
+    /// A gap stops the process, unless `--accept-gap` accepts it (true) this once.
+    fn gate(&self, found: Result<(), Box<Gap>>) -> Result<bool, Error> {
+        match found {
+            Ok(()) => Ok(false),
+            Err(gap) if self.accept_gap => {
+                tracing::warn!(%gap, "--accept-gap: going on past the gap");
+                Ok(true)
+            }
+            Err(gap) => Err(gap.into()),
+        }
+    }
+
+    /// On PostgreSQL 17+, a slot without `failover` is not synced to standbys: a failover loses
+    /// it (and outbox-cdc then stops at the gap). Said once per process.
+    fn warn_without_failover(&mut self, server_has_failover: bool, slot: &SlotState) {
+        if self.warned_no_failover || !server_has_failover || slot.failover != Some(false) {
+            return;
+        }
+        self.warned_no_failover = true;
+        let name = &self.config.source.slot;
+        tracing::warn!(slot = %name,
+            "replication slot `{name}` was created without failover: standbys do not keep a copy, and after a failover it is gone. \
+             Turn it on with `outbox-cdc setup --apply`, or on a replication connection: \
+             `psql \"dbname=<db> replication=database\" -c 'ALTER_REPLICATION_SLOT {name} (FAILOVER true)'`");
     }
 
     fn standby(&mut self, slot: &str, pid: Option<i32>) {
@@ -226,15 +383,16 @@ impl Supervisor<'_> {
     }
 }
 
+/// Resolves once shutdown is requested; never when nobody can request it any more.
+async fn shutdown_requested(shutdown: &mut watch::Receiver<bool>) {
+    if shutdown.wait_for(|stop| *stop).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
 /// Sleeps; true when shutdown was requested meanwhile.
 async fn sleep_or_shutdown(delay: Duration, shutdown: &mut watch::Receiver<bool>) -> bool {
-    match tokio::time::timeout(delay, shutdown.wait_for(|stop| *stop)).await {
-        Ok(Ok(_)) => true,
-        // Nobody can request shutdown any more: just sleep.
-        Ok(Err(_)) => {
-            tokio::time::sleep(delay).await;
-            false
-        }
-        Err(_elapsed) => false,
-    }
+    tokio::time::timeout(delay, shutdown_requested(shutdown))
+        .await
+        .is_ok()
 }

@@ -1,28 +1,27 @@
-//! The replay checkpoint: the newest published position, in a NATS KV bucket.
+//! The checkpoint: one value in a NATS KV bucket, kept by the pipeline (where outbox-cdc got
+//! to, and on which database history); the sink only stores it.
 
 use std::time::Duration;
 
 use async_nats::jetstream::{self, stream};
+use bytes::Bytes;
 
 use super::{NatsAuth, NatsUrls, SinkError};
-use crate::lsn::Lsn;
 
-/// The newest published position, kept in a NATS KV bucket under the slot's name, so that a
-/// restart with a replay window resumes after what was published instead of replaying the window.
+/// One key of a NATS KV bucket: the slot's name in `--checkpoint-bucket`.
 pub struct Checkpoint {
     store: jetstream::kv::Store,
     bucket: String,
     key: String,
-    saved: Lsn,
 }
 
 impl Checkpoint {
-    /// Opens (creating if missing) the bucket; returns it with the saved position, if any.
+    /// Opens (creating if missing) the bucket; returns it with the saved value, if any.
     pub async fn open(
         context: &jetstream::Context,
         bucket: &str,
         key: &str,
-    ) -> Result<(Checkpoint, Option<Lsn>), SinkError> {
+    ) -> Result<(Checkpoint, Option<Bytes>), SinkError> {
         let fail = |detail: String| SinkError::Checkpoint {
             bucket: bucket.to_owned(),
             detail,
@@ -38,7 +37,8 @@ impl Checkpoint {
                         name: format!("KV_{bucket}"),
                         subjects: vec![format!("$KV.{bucket}.>")],
                         description: Some(
-                            "outbox-cdc: newest published LSN per replication slot".into(),
+                            "outbox-cdc: how far each replication slot's events were published"
+                                .into(),
                         ),
                         max_messages_per_subject: 1,
                         allow_rollup: true,
@@ -57,34 +57,26 @@ impl Checkpoint {
                     .map_err(|e| fail(format!("opening the bucket: {e}")))?
             }
         };
-        let saved =
-            match store.get(key).await {
-                Ok(Some(value)) => {
-                    let text = String::from_utf8_lossy(&value);
-                    Some(text.parse::<Lsn>().map_err(|e| {
-                        fail(format!("key `{key}` holds `{text}`, not an LSN: {e}"))
-                    })?)
-                }
-                Ok(None) => None,
-                Err(e) => return Err(fail(format!("reading key `{key}`: {e}"))),
-            };
+        let saved = store
+            .get(key)
+            .await
+            .map_err(|e| fail(format!("reading key `{key}`: {e}")))?;
         let checkpoint = Checkpoint {
             store,
             bucket: bucket.to_owned(),
             key: key.to_owned(),
-            saved: saved.unwrap_or(Lsn::ZERO),
         };
         Ok((checkpoint, saved))
     }
 
-    /// Reads the saved position without creating anything (for `status`): None when the bucket
+    /// Reads the saved value without creating anything (for `status`): None when the bucket
     /// or the key does not exist.
     pub async fn read(
         urls: &NatsUrls,
         auth: &NatsAuth,
         bucket: &str,
         key: &str,
-    ) -> Result<Option<Lsn>, SinkError> {
+    ) -> Result<Option<Bytes>, SinkError> {
         let fail = |detail: String| SinkError::Checkpoint {
             bucket: bucket.to_owned(),
             detail,
@@ -108,31 +100,21 @@ impl Checkpoint {
             }
             Err(e) => return Err(fail(format!("opening the bucket: {e}"))),
         };
-        match store.get(key).await {
-            Ok(Some(value)) => {
-                let text = String::from_utf8_lossy(&value);
-                text.parse::<Lsn>()
-                    .map(Some)
-                    .map_err(|e| fail(format!("key `{key}` holds `{text}`, not an LSN: {e}")))
-            }
-            Ok(None) => Ok(None),
-            Err(e) => Err(fail(format!("reading key `{key}`: {e}"))),
-        }
+        store
+            .get(key)
+            .await
+            .map_err(|e| fail(format!("reading key `{key}`: {e}")))
     }
 
-    /// Saves `lsn` when it is newer than what was saved.
-    pub async fn save(&mut self, lsn: Lsn) -> Result<(), SinkError> {
-        if lsn <= self.saved {
-            return Ok(());
-        }
+    /// Saves `value`.
+    pub async fn save(&mut self, value: Bytes) -> Result<(), SinkError> {
         self.store
-            .put(&self.key, lsn.to_string().into())
+            .put(&self.key, value)
             .await
             .map_err(|e| SinkError::Checkpoint {
                 bucket: self.bucket.clone(),
                 detail: format!("writing key `{}`: {e}", self.key),
             })?;
-        self.saved = lsn;
         Ok(())
     }
 }

@@ -120,6 +120,7 @@ mod tests {
             table: "public.outbox".into(),
             subject: Some("a".into()),
             commit_lsn: Lsn::new(1),
+            row_index: 0,
         };
         let no_stream = SinkError::NoStream { event };
         assert!(!no_stream.is_transient());

@@ -13,19 +13,81 @@
 //! order holds. JetStream checks for a duplicate before the expectation, so re-sent events are
 //! still acked as duplicates.
 //!
-//! The first publish into a stream in a session carries no expectation: everything before it was
-//! confirmed, so it is stored already. Which stream a subject goes to is read from the streams'
+//! The first publish into a stream in a session expects the stream's last message when the
+//! session started (none in an empty stream), so the chain goes on across sessions; when that
+//! fails because another publisher wrote in between, the session restarts and sends the event
+//! without an expectation (every publish before it was acked, so it is in order). Which stream a subject goes to is read from the streams'
 //! subject filters when the session starts; a subject no known stream captures goes out
 //! unfenced (and its ack says whether any stream took it).
+//!
+//! Fencing also makes each stream a record of how far it got: every event in it follows its
+//! predecessor, so everything before its last event is in it too. When a session starts, each
+//! stream's last event is read, and what the session reads again up to that event's position
+//! (commit LSN and row index) is not sent again ([`Fence::already_stored`]). Exactly-once then
+//! does not depend on JetStream's duplicate window, nor on how long a restart takes;
+//! de-duplication by `Nats-Msg-Id` stays as the second line.
 //!
 //! Fencing needs the outbox's streams to be written by outbox-cdc alone: another publisher's
 //! message in between makes the next publish fail the check. That is survivable (the session
 //! restarts and the first publish goes out unfenced) but costs a restart each time, so streams
 //! shared with other publishers run with `--no-fencing`.
 
-use async_nats::HeaderValue;
+use async_nats::{HeaderMap, HeaderValue};
 
+use crate::event::{EventRef, header};
+use crate::lsn::Lsn;
 use crate::subject::SubjectFilter;
+
+/// A stream as a session starts: its name, its subjects and its last message, if any.
+#[derive(Debug, Clone)]
+pub struct StreamSummary {
+    pub name: String,
+    pub subjects: Vec<String>,
+    pub last: Option<StoredEvent>,
+}
+
+/// What a stored message says of the event it carries (outbox-cdc's headers), as far as it says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredEvent {
+    pub msg_id: Option<String>,
+    /// None when the message is not outbox-cdc's.
+    pub commit_lsn: Option<Lsn>,
+    /// None in messages of outbox-cdc versions that did not write it.
+    pub row_index: Option<u32>,
+    pub commit_time: Option<String>,
+}
+
+impl StoredEvent {
+    pub fn from_headers(headers: &HeaderMap) -> StoredEvent {
+        let text = |name: &str| headers.get(name).map(|v| v.as_str().to_owned());
+        StoredEvent {
+            msg_id: text(header::MSG_ID),
+            commit_lsn: text(header::COMMIT_LSN).and_then(|t| t.parse().ok()),
+            row_index: text(header::ROW_INDEX).and_then(|t| t.parse().ok()),
+            commit_time: text(header::COMMIT_TIME),
+        }
+    }
+
+    /// Whether `event` is at or before this one in the WAL.
+    fn covers(&self, event: &EventRef) -> bool {
+        let Some(stored) = self.commit_lsn else {
+            return false;
+        };
+        match event.commit_lsn.cmp(&stored) {
+            std::cmp::Ordering::Less => true,
+            std::cmp::Ordering::Equal => self.row_index.is_some_and(|r| event.row_index <= r),
+            std::cmp::Ordering::Greater => false,
+        }
+    }
+}
+
+/// The newest outbox event any stream holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamEnd {
+    pub stream: String,
+    pub commit_lsn: Lsn,
+    pub commit_time: Option<String>,
+}
 
 /// The streams publishes may go to, and the last message id sent into each in this session.
 #[derive(Debug, Default)]
@@ -40,6 +102,8 @@ struct FencedStream {
     name: String,
     filters: Vec<SubjectFilter>,
     last_sent: Option<HeaderValue>,
+    /// The stream's last message when the session started.
+    stored: Option<StoredEvent>,
 }
 
 /// Which stream a publish goes to, as [`Fence::stream_of`] found it.
@@ -52,19 +116,54 @@ impl Fence {
         Fence::default()
     }
 
-    /// Fences publishes into `streams`: (name, subject filters) of each. Filters that do not
-    /// parse (none should: the server checked them) are ignored.
-    pub fn new(streams: impl IntoIterator<Item = (String, Vec<String>)>) -> Fence {
+    /// Fences publishes into `streams`. Filters that do not parse (none should: the server
+    /// checked them) are ignored.
+    pub fn new(streams: impl IntoIterator<Item = StreamSummary>) -> Fence {
         let streams = streams
             .into_iter()
-            .map(|(name, subjects)| FencedStream {
-                name,
-                filters: subjects.iter().filter_map(|s| s.parse().ok()).collect(),
-                last_sent: None,
+            .map(|summary| FencedStream {
+                name: summary.name,
+                filters: summary
+                    .subjects
+                    .iter()
+                    .filter_map(|s| s.parse().ok())
+                    .collect(),
+                // The first publish follows the stream's last message: the chain of
+                // predecessors goes on across sessions.
+                last_sent: summary
+                    .last
+                    .as_ref()
+                    .and_then(|last| last.msg_id.as_deref())
+                    .and_then(|id| id.parse::<HeaderValue>().ok()),
+                stored: summary.last,
             })
             .filter(|s| !s.filters.is_empty())
             .collect();
         Fence { streams, recent: 0 }
+    }
+
+    /// Whether `stream` held `event` already when the session started: it is at or before the
+    /// stream's last event.
+    pub fn already_stored(&self, stream: StreamIndex, event: &EventRef) -> bool {
+        self.streams
+            .get(stream.0)
+            .and_then(|s| s.stored.as_ref())
+            .is_some_and(|stored| stored.covers(event))
+    }
+
+    /// The newest outbox event the streams held when the session started.
+    pub fn end(&self) -> Option<StreamEnd> {
+        self.streams
+            .iter()
+            .filter_map(|s| {
+                let stored = s.stored.as_ref()?;
+                Some(StreamEnd {
+                    stream: s.name.clone(),
+                    commit_lsn: stored.commit_lsn?,
+                    commit_time: stored.commit_time.clone(),
+                })
+            })
+            .max_by_key(|end| end.commit_lsn)
     }
 
     pub fn is_on(&self) -> bool {
@@ -104,14 +203,19 @@ impl Fence {
 mod tests {
     use super::*;
 
+    fn summary(name: &str, subjects: &[&str], last: Option<StoredEvent>) -> StreamSummary {
+        StreamSummary {
+            name: name.to_owned(),
+            subjects: subjects.iter().map(|s| s.to_string()).collect(),
+            last,
+        }
+    }
+
     fn fence() -> Fence {
         Fence::new([
-            ("OUTBOX".to_owned(), vec!["outbox.>".to_owned()]),
-            (
-                "DEAD".to_owned(),
-                vec!["dlq.outbox".to_owned(), "dlq.other".to_owned()],
-            ),
-            ("MIRROR".to_owned(), vec![]),
+            summary("OUTBOX", &["outbox.>"], None),
+            summary("DEAD", &["dlq.outbox", "dlq.other"], None),
+            summary("MIRROR", &[], None),
         ])
     }
 
@@ -150,5 +254,60 @@ mod tests {
         let mut off = Fence::off();
         assert!(!off.is_on());
         assert_eq!(off.stream_of("outbox.order.created"), None);
+    }
+
+    fn event(commit_lsn: u64, row_index: u32) -> EventRef {
+        EventRef {
+            event_id: "e".into(),
+            table: "public.outbox".into(),
+            subject: Some("outbox.order.created".into()),
+            commit_lsn: Lsn::new(commit_lsn),
+            row_index,
+        }
+    }
+
+    #[test]
+    fn a_stream_holds_everything_up_to_its_last_event() {
+        let stored = |commit_lsn, row_index| {
+            Some(StoredEvent {
+                msg_id: Some("x".into()),
+                commit_lsn: Some(Lsn::new(commit_lsn)),
+                row_index,
+                commit_time: Some("2026-12-03T10:00:00Z".into()),
+            })
+        };
+        let mut fence = Fence::new([
+            summary("OUTBOX", &["outbox.>"], stored(100, Some(2))),
+            summary("DEAD", &["dlq.>"], stored(200, None)),
+            summary("EMPTY", &["other.>"], None),
+        ]);
+        let outbox = fence.stream_of("outbox.order.created").unwrap();
+        assert!(fence.already_stored(outbox, &event(90, 7)));
+        assert!(fence.already_stored(outbox, &event(100, 2)));
+        assert!(!fence.already_stored(outbox, &event(100, 3)));
+        assert!(!fence.already_stored(outbox, &event(101, 0)));
+        let dead = fence.stream_of("dlq.x").unwrap();
+        assert!(fence.already_stored(dead, &event(199, 9)));
+        assert!(
+            !fence.already_stored(dead, &event(200, 0)),
+            "without a row index, the last transaction is not known to be complete"
+        );
+        let empty = fence.stream_of("other.x").unwrap();
+        assert!(!fence.already_stored(empty, &event(1, 0)));
+        assert_eq!(
+            fence.end(),
+            Some(StreamEnd {
+                stream: "DEAD".into(),
+                commit_lsn: Lsn::new(200),
+                commit_time: Some("2026-12-03T10:00:00Z".into()),
+            })
+        );
+        let foreign = StoredEvent::from_headers(&HeaderMap::new());
+        assert_eq!(foreign.commit_lsn, None);
+        assert!(
+            Fence::new([summary("S", &["s.>"], Some(foreign))])
+                .end()
+                .is_none()
+        );
     }
 }

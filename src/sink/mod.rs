@@ -37,7 +37,7 @@ pub use acks::{Ack, AckError, AckOutcome};
 pub use checkpoint::Checkpoint;
 pub use connect::{NatsAuth, NatsUrlError, NatsUrls, redact_nats_url};
 pub use error::SinkError;
-pub use fence::Fence;
+pub use fence::{Fence, StoredEvent, StreamEnd};
 
 /// Duplicate windows shorter than this warn at start: a restart or failover slower than the window
 /// would re-publish events JetStream no longer recognises.
@@ -74,6 +74,8 @@ pub enum Sent {
     /// after it can be fenced on it: if no stream takes it, a publish sent after it could be
     /// stored before its dead letter. Nothing may follow it before its ack.
     AwaitAck,
+    /// Not sent: its stream held it already when the session started (see [`fence`]).
+    AlreadyStored,
 }
 
 /// A session's JetStream connection. `T` is what the caller attaches to each publish and gets
@@ -102,7 +104,8 @@ impl<T> JetStreamSink<T> {
 
     /// Sends one event; its ack comes back, in publish order and with `tag`, from
     /// [`JetStreamSink::next_ack`]. With `fenced`, and fencing on, it names the previous publish
-    /// into its stream as the message the stream must hold last.
+    /// into its stream as the message the stream must hold last. An event its stream held
+    /// already when the session started is not sent ([`Sent::AlreadyStored`]).
     pub async fn publish(
         &mut self,
         message: OutboxEvent,
@@ -118,6 +121,11 @@ impl<T> JetStreamSink<T> {
         } = message;
         let size = payload.len();
         let stream = self.fence.stream_of(subject.as_str());
+        if let Some(stream) = stream
+            && self.fence.already_stored(stream, &event)
+        {
+            return Ok(Sent::AlreadyStored);
+        }
         if fenced && let Some(previous) = stream.and_then(|s| self.fence.expected_last(s)) {
             headers.insert(
                 async_nats::header::NATS_EXPECTED_LAST_MESSAGE_ID,

@@ -4,7 +4,7 @@
 use async_nats::jetstream::{self, stream};
 
 use super::error::get_stream_error;
-use super::fence::Fence;
+use super::fence::{Fence, StoredEvent, StreamEnd, StreamSummary};
 use super::{JetStreamSink, MIN_SAFE_DUPLICATE_WINDOW, SinkConfig, SinkError};
 
 impl<T> JetStreamSink<T> {
@@ -89,26 +89,66 @@ impl<T> JetStreamSink<T> {
         Ok(())
     }
 
-    /// Every stream of the account with its subjects: publishes are fenced within the stream
-    /// that captures them (subjects never overlap between streams). Streams created later are
-    /// learnt by the next session; until then their subjects go out unfenced.
+    /// Every stream of the account with its subjects and its last message: publishes are
+    /// fenced within the stream that captures them (subjects never overlap between streams),
+    /// and what a stream holds already is not sent again. Streams created later are learnt by
+    /// the next session; until then their subjects go out unfenced.
     async fn read_fence(&self) -> Result<Fence, SinkError> {
         use futures::TryStreamExt;
-        let streams: Vec<(String, Vec<String>)> = self
-            .context
-            .streams()
-            .map_ok(|info| (info.config.name, info.config.subjects))
-            .try_collect()
-            .await
-            .map_err(|e| {
-                SinkError::StreamUnavailable(format!(
-                    "listing the streams to fence publishes (`$JS.API.STREAM.LIST`; without that \
-                     permission, run with --no-fencing): {e}"
-                ))
-            })?;
+        let unavailable = |what: &str, e: &dyn std::fmt::Display| {
+            SinkError::StreamUnavailable(format!("{what}: {e}"))
+        };
+        let infos: Vec<stream::Info> = self.context.streams().try_collect().await.map_err(|e| {
+            unavailable(
+                "listing the streams to fence publishes (`$JS.API.STREAM.LIST`; without that \
+                     permission, run with --no-fencing)",
+                &e,
+            )
+        })?;
+        let mut streams = Vec::with_capacity(infos.len());
+        for info in infos {
+            let name = info.config.name;
+            let last = if info.state.messages == 0 || info.config.subjects.is_empty() {
+                None
+            } else {
+                self.last_message(&name, info.state.last_sequence).await?
+            };
+            streams.push(StreamSummary {
+                name,
+                subjects: info.config.subjects,
+                last,
+            });
+        }
         let fence = Fence::new(streams);
-        tracing::debug!(streams = ?fence.stream_names().collect::<Vec<_>>(),
+        tracing::debug!(streams = ?fence.stream_names().collect::<Vec<_>>(), end = ?fence.end(),
             "fencing publishes with Nats-Expected-Last-Msg-Id");
         Ok(fence)
+    }
+
+    /// What the message at `sequence` says of its event; None when it is gone (deleted, or
+    /// removed by the stream's limits meanwhile).
+    async fn last_message(
+        &self,
+        name: &str,
+        sequence: u64,
+    ) -> Result<Option<StoredEvent>, SinkError> {
+        let stream = self
+            .context
+            .get_stream_no_info(name)
+            .await
+            .map_err(|e| get_stream_error(name, e))?;
+        match stream.get_raw_message(sequence).await {
+            Ok(message) => Ok(Some(StoredEvent::from_headers(&message.headers))),
+            Err(e) if e.kind() == stream::RawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(e) => Err(SinkError::StreamUnavailable(format!(
+                "reading the last message of stream `{name}`: {e}"
+            ))),
+        }
+    }
+
+    /// The newest outbox event any stream held when the session started (None with fencing
+    /// off: the streams are then not read).
+    pub fn stream_end(&self) -> Option<StreamEnd> {
+        self.fence.end()
     }
 }

@@ -1,14 +1,18 @@
-//! Ordinary SQL against the source database: server checks, the publication's tables, the slot.
+//! Ordinary SQL against the source database: the server to use among the hosts, server checks,
+//! the publication's tables, the slot.
 
 use std::sync::Arc;
 
 use tokio_postgres::error::SqlState;
 
-use super::connection::DatabaseUrl;
+use super::connection::{DatabaseUrl, Host, TargetSession};
 use super::error::{describe_sql_error, sql_error_is_transient};
 use super::pgoutput::{Relation, RelationColumn};
 use super::{PublicationName, SlotName, SourceError};
 use crate::lsn::Lsn;
+
+/// PostgreSQL 17 brought failover slots (`failover`, `synced`, `sync_replication_slots`).
+pub const FAILOVER_SLOTS_SINCE: i32 = 170_000;
 
 /// What `pg_replication_slots` says about our slot.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,6 +23,11 @@ pub struct SlotState {
     pub confirmed_flush_lsn: Option<Lsn>,
     pub restart_lsn: Option<Lsn>,
     pub wal_status: Option<String>,
+    /// Synced to standbys (PostgreSQL 17+; None before).
+    pub failover: Option<bool>,
+    /// On a standby: a copy kept in sync with the primary's (PostgreSQL 17+).
+    pub synced: Option<bool>,
+    pub temporary: bool,
 }
 
 /// What `setup` checks on the server before logical replication can work.
@@ -32,6 +41,27 @@ pub struct ServerReadiness {
     /// REPLICATION attribute or superuser.
     pub role_can_replicate: bool,
     pub server_version: String,
+    pub server_version_num: i32,
+}
+
+/// What a failover slot needs on the primary (PostgreSQL 17+).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrimaryFailover {
+    /// `synchronized_standby_slots`: the physical slots logical walsenders wait for.
+    pub synchronized_standby_slots: Vec<String>,
+    /// Physical slots, with whether a standby streams through each now.
+    pub physical_slots: Vec<(String, bool)>,
+}
+
+/// What a failover slot needs on a standby (PostgreSQL 17+).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StandbyFailover {
+    pub in_recovery: bool,
+    pub sync_replication_slots: bool,
+    pub hot_standby_feedback: bool,
+    /// `primary_conninfo` names a database (the slot sync worker needs one).
+    pub conninfo_has_dbname: bool,
+    pub primary_slot_name: String,
 }
 
 /// Ordinary SQL against the source database: checks, slot management, status.
@@ -39,35 +69,92 @@ pub struct Catalog {
     /// Shared with the liveness watch of the running session.
     pub(super) client: Arc<tokio_postgres::Client>,
     database: DatabaseUrl,
+    /// The host this connection went to; the replication connection goes there too.
+    host: Host,
+    server_version_num: i32,
 }
 
 impl Catalog {
+    /// Connects to the first host that suits `target_session_attrs`: by default the first
+    /// primary, skipping standbys and hosts that do not answer.
     pub async fn connect(database: &DatabaseUrl) -> Result<Self, SourceError> {
-        let (config, tls) = database.sql_config()?;
-        let (client, connection) =
-            config
-                .connect(tls)
+        let mut tried: Vec<String> = Vec::new();
+        let mut last_error = None;
+        for host in &database.hosts {
+            let client = match connect_host(database, host).await {
+                Ok(client) => client,
+                Err(err) => {
+                    tried.push(format!("{host}: {err}"));
+                    last_error = Some(err);
+                    continue;
+                }
+            };
+            let row = match client
+                .query_one(
+                    "SELECT pg_is_in_recovery(), current_setting('server_version_num')::int",
+                    &[],
+                )
                 .await
-                .map_err(|err| SourceError::Connect {
-                    target: database.to_string(),
-                    transient: sql_error_is_transient(&err)
-                        && err.code() != Some(&SqlState::INVALID_PASSWORD)
-                        && err.code() != Some(&SqlState::INVALID_AUTHORIZATION_SPECIFICATION),
-                    detail: describe_sql_error(&err),
-                })?;
-        tokio::spawn(async move {
-            if let Err(err) = connection.await {
-                tracing::debug!(error = %err, "SQL connection to PostgreSQL closed");
+            {
+                Ok(row) => row,
+                Err(e) => {
+                    let err = SourceError::query("reading the server's role", e);
+                    tried.push(format!("{host}: {err}"));
+                    last_error = Some(err);
+                    continue;
+                }
+            };
+            let in_recovery: bool = row.get(0);
+            if in_recovery && database.target_session == TargetSession::Primary {
+                tried.push(format!("{host}: a standby (in recovery)"));
+                continue;
             }
-        });
-        Ok(Catalog {
-            client: Arc::new(client),
-            database: database.clone(),
-        })
+            return Ok(Catalog {
+                client: Arc::new(client),
+                database: database.clone(),
+                host: host.clone(),
+                server_version_num: row.get(1),
+            });
+        }
+        match last_error {
+            // One host, and it failed: its own error, as precise as can be.
+            Some(err) if database.hosts.len() == 1 => Err(err),
+            _ => Err(SourceError::NoPrimary {
+                hosts: tried.join("; "),
+            }),
+        }
+    }
+
+    /// Connects to `database` without choosing among its hosts: to its first host that answers,
+    /// primary or standby (for checking a standby).
+    pub async fn connect_any(database: &DatabaseUrl) -> Result<Self, SourceError> {
+        let any = DatabaseUrl {
+            target_session: TargetSession::Any,
+            ..database.clone()
+        };
+        Catalog::connect(&any).await
     }
 
     pub fn is_closed(&self) -> bool {
         self.client.is_closed()
+    }
+
+    /// The host this catalog is connected to.
+    pub fn host(&self) -> &Host {
+        &self.host
+    }
+
+    pub fn database(&self) -> &DatabaseUrl {
+        &self.database
+    }
+
+    /// `server_version_num`, e.g. 170002.
+    pub fn server_version_num(&self) -> i32 {
+        self.server_version_num
+    }
+
+    pub fn has_failover_slots(&self) -> bool {
+        self.server_version_num >= FAILOVER_SLOTS_SINCE
     }
 
     /// `wal_level` must be `logical`.
@@ -141,12 +228,21 @@ impl Catalog {
     }
 
     pub async fn slot_state(&self, slot: &SlotName) -> Result<Option<SlotState>, SourceError> {
+        // The failover columns exist from PostgreSQL 17 on.
+        let failover_columns = if self.has_failover_slots() {
+            "failover, synced"
+        } else {
+            "NULL::bool, NULL::bool"
+        };
         let row = self
             .client
             .query_opt(
-                "SELECT coalesce(plugin::text, ''), coalesce(database::text, ''), active_pid,
-                        confirmed_flush_lsn::text, restart_lsn::text, wal_status
-                   FROM pg_replication_slots WHERE slot_name = $1",
+                &format!(
+                    "SELECT coalesce(plugin::text, ''), coalesce(database::text, ''), active_pid,
+                            confirmed_flush_lsn::text, restart_lsn::text, wal_status,
+                            {failover_columns}, temporary
+                       FROM pg_replication_slots WHERE slot_name = $1"
+                ),
                 &[&slot.as_str()],
             )
             .await
@@ -163,21 +259,30 @@ impl Catalog {
                 confirmed_flush_lsn: lsn(3),
                 restart_lsn: lsn(4),
                 wal_status: row.get(5),
+                failover: row.get(6),
+                synced: row.get(7),
+                temporary: row.get(8),
             }
         }))
     }
 
-    /// The server's current WAL write position.
+    /// The server's current WAL position: written on a primary, replayed on a standby.
     pub async fn current_wal_lsn(&self) -> Result<Lsn, SourceError> {
+        let context = "reading the server's WAL position";
         let row = self
             .client
-            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .query_one(
+                "SELECT (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()
+                              ELSE pg_current_wal_lsn() END)::text",
+                &[],
+            )
             .await
-            .map_err(|e| SourceError::query("reading pg_current_wal_lsn()", e))?;
-        let text: String = row.get(0);
-        text.parse()
+            .map_err(|e| SourceError::query(context, e))?;
+        let text: Option<String> = row.get(0);
+        text.unwrap_or_default()
+            .parse()
             .map_err(|e: crate::lsn::ParseLsnError| SourceError::Query {
-                context: "reading pg_current_wal_lsn()".into(),
+                context: context.into(),
                 detail: e.to_string(),
                 transient: false,
             })
@@ -207,7 +312,68 @@ impl Catalog {
             role: row.get(4),
             role_can_replicate: row.get::<_, bool>(5) || row.get::<_, bool>(6),
             server_version: row.get(7),
+            server_version_num: self.server_version_num,
         })
+    }
+
+    /// What failover slots need from this primary; None before PostgreSQL 17.
+    pub async fn primary_failover(&self) -> Result<Option<PrimaryFailover>, SourceError> {
+        if !self.has_failover_slots() {
+            return Ok(None);
+        }
+        let listed: String = self
+            .client
+            .query_one("SHOW synchronized_standby_slots", &[])
+            .await
+            .map_err(|e| SourceError::query("reading synchronized_standby_slots", e))?
+            .get(0);
+        let physical_slots = self
+            .client
+            .query(
+                "SELECT slot_name::text, active FROM pg_replication_slots
+                  WHERE slot_type = 'physical' ORDER BY slot_name",
+                &[],
+            )
+            .await
+            .map_err(|e| SourceError::query("reading the physical replication slots", e))?
+            .iter()
+            .map(|row| (row.get(0), row.get(1)))
+            .collect();
+        Ok(Some(PrimaryFailover {
+            synchronized_standby_slots: listed
+                .split(',')
+                .map(|s| s.trim().trim_matches('"').to_owned())
+                .filter(|s| !s.is_empty())
+                .collect(),
+            physical_slots,
+        }))
+    }
+
+    /// What failover slots need from this standby; None before PostgreSQL 17.
+    pub async fn standby_failover(&self) -> Result<Option<StandbyFailover>, SourceError> {
+        if !self.has_failover_slots() {
+            return Ok(None);
+        }
+        let row = self
+            .client
+            .query_one(
+                "SELECT pg_is_in_recovery(),
+                        current_setting('sync_replication_slots')::bool,
+                        current_setting('hot_standby_feedback')::bool,
+                        current_setting('primary_conninfo'),
+                        current_setting('primary_slot_name')",
+                &[],
+            )
+            .await
+            .map_err(|e| SourceError::query("reading the standby's settings", e))?;
+        let conninfo: String = row.get(3);
+        Ok(Some(StandbyFailover {
+            in_recovery: row.get(0),
+            sync_replication_slots: row.get(1),
+            hot_standby_feedback: row.get(2),
+            conninfo_has_dbname: conninfo_names_a_database(&conninfo),
+            primary_slot_name: row.get(4),
+        }))
     }
 
     /// `pg_class.relkind` of a table name as `to_regclass` resolves it (`r` table, `p`
@@ -248,56 +414,79 @@ impl Catalog {
             .map_err(|e| SourceError::query(format!("applying `{}`", sql.trim()), e))
     }
 
-    /// Makes sure the slot exists (creating it unless told not to) and suits us.
-    pub async fn ensure_slot(
-        &self,
-        slot: &SlotName,
-        create: bool,
-    ) -> Result<SlotState, SourceError> {
-        if self.slot_state(slot).await?.is_none() {
-            if !create {
-                return Err(SourceError::SlotMissing {
-                    slot: slot.to_string(),
-                });
-            }
-            match self
-                .client
-                .query_one(
-                    "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
-                    &[&slot.as_str()],
-                )
-                .await
-            {
-                Ok(row) => {
-                    let lsn: String = row.get(0);
-                    tracing::info!(slot = %slot, %lsn, "created replication slot with the pgoutput plugin");
-                }
-                // Another instance created it a moment ago: fine.
-                Err(e) if e.code() == Some(&SqlState::DUPLICATE_OBJECT) => {}
-                Err(e) => {
-                    return Err(SourceError::query(
-                        format!("creating replication slot `{slot}`"),
-                        e,
-                    ));
-                }
-            }
+    /// The SQL that creates the slot: with `failover` on PostgreSQL 17 and later, so that
+    /// standbys with `sync_replication_slots` keep a copy a promoted standby resumes from.
+    pub fn create_slot_sql(&self, slot: &SlotName) -> String {
+        if self.has_failover_slots() {
+            format!(
+                "SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput', false, false, true);"
+            )
+        } else {
+            format!("SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput');")
         }
-        let state = self
-            .slot_state(slot)
-            .await?
-            .ok_or_else(|| SourceError::SlotMissing {
-                slot: slot.to_string(),
-            })?;
+    }
+
+    /// Creates the slot (see [`Catalog::create_slot_sql`]); another instance having created it
+    /// a moment earlier is fine.
+    pub async fn create_slot(&self, slot: &SlotName) -> Result<(), SourceError> {
+        let sql = self.create_slot_sql(slot);
+        match self.client.batch_execute(&sql).await {
+            Ok(()) => {
+                tracing::info!(slot = %slot, failover = self.has_failover_slots(),
+                    "created replication slot with the pgoutput plugin");
+                Ok(())
+            }
+            Err(e) if e.code() == Some(&SqlState::DUPLICATE_OBJECT) => Ok(()),
+            Err(e) => Err(SourceError::query(
+                format!("creating replication slot `{slot}`"),
+                e,
+            )),
+        }
+    }
+
+    /// Turns on `failover` for an existing slot (`ALTER_REPLICATION_SLOT`, PostgreSQL 17+: a
+    /// replication command, so over a replication connection).
+    pub async fn enable_failover(&self, slot: &SlotName) -> Result<(), SourceError> {
+        let db = &self.database;
+        let config = pgwire_replication::ReplicationConfig::new(
+            self.host.name.clone(),
+            db.user.clone(),
+            db.password
+                .as_ref()
+                .map(|p| p.expose().to_owned())
+                .unwrap_or_default(),
+            db.dbname.clone(),
+            slot.as_str(),
+            // Not used: the session never starts streaming.
+            "unused",
+        )
+        .with_port(self.host.port)
+        .with_tls(db.replication_tls(&self.host))
+        .with_application_name(db.application_name.clone());
+        let wire_error = |e| SourceError::from_wire(slot, e);
+        let mut client = pgwire_replication::ReplicationClient::connect_gated(config)
+            .await
+            .map_err(wire_error)?;
+        client
+            .simple_query(&format!("ALTER_REPLICATION_SLOT {slot} (FAILOVER true)"))
+            .await
+            .map_err(wire_error)?;
+        client.abort();
+        Ok(())
+    }
+
+    /// Checks that `state`, our slot's, suits us.
+    pub fn check_slot(&self, slot: &SlotName, state: &SlotState) -> Result<(), SourceError> {
         if state.plugin != "pgoutput" {
             return Err(SourceError::SlotWrongPlugin {
                 slot: slot.to_string(),
-                plugin: state.plugin,
+                plugin: state.plugin.clone(),
             });
         }
         if state.database != self.database.dbname {
             return Err(SourceError::SlotOtherDatabase {
                 slot: slot.to_string(),
-                database: state.database,
+                database: state.database.clone(),
                 expected: self.database.dbname.clone(),
             });
         }
@@ -309,6 +498,56 @@ impl Catalog {
                 wal_status: status.clone(),
             });
         }
-        Ok(state)
+        Ok(())
+    }
+}
+
+async fn connect_host(
+    database: &DatabaseUrl,
+    host: &Host,
+) -> Result<tokio_postgres::Client, SourceError> {
+    let (config, tls) = database.sql_config(host)?;
+    let (client, connection) = config
+        .connect(tls)
+        .await
+        .map_err(|err| SourceError::Connect {
+            target: database.to_string(),
+            transient: sql_error_is_transient(&err)
+                && err.code() != Some(&SqlState::INVALID_PASSWORD)
+                && err.code() != Some(&SqlState::INVALID_AUTHORIZATION_SPECIFICATION),
+            detail: describe_sql_error(&err),
+        })?;
+    tokio::spawn(async move {
+        if let Err(err) = connection.await {
+            tracing::debug!(error = %err, "SQL connection to PostgreSQL closed");
+        }
+    });
+    Ok(client)
+}
+
+/// Whether a libpq connection string names a database (`dbname=…`, or a URL's path).
+fn conninfo_names_a_database(conninfo: &str) -> bool {
+    if let Some((_, rest)) = conninfo.split_once("://") {
+        let path = rest.split_once('/').map(|(_, p)| p).unwrap_or("");
+        let path = path.split('?').next().unwrap_or("");
+        return !path.is_empty() || conninfo.contains("dbname=");
+    }
+    conninfo
+        .split_whitespace()
+        .any(|pair| pair.starts_with("dbname=") && pair.len() > "dbname=".len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_a_database_in_primary_conninfo() {
+        assert!(conninfo_names_a_database(
+            "user=postgres host=a port=5432 dbname=app sslmode=disable"
+        ));
+        assert!(!conninfo_names_a_database("user=postgres host=a port=5432"));
+        assert!(conninfo_names_a_database("postgresql://u@a:5432/app"));
+        assert!(!conninfo_names_a_database("postgresql://u@a:5432"));
     }
 }

@@ -18,6 +18,19 @@ pub enum SourceError {
     },
     #[error(transparent)]
     Tls(#[from] TlsSetupError),
+    /// Several hosts, none of them a primary: a failover may be under way.
+    #[error(
+        "no primary among the database hosts ({hosts}); retrying (during a failover the new \
+         primary appears once a standby is promoted)"
+    )]
+    NoPrimary { hosts: String },
+    /// A table joined the publication while a session streamed: its event ids may need
+    /// qualifying, and its mapping checking.
+    #[error(
+        "table `{table}` joined the publication while streaming; restarting the session to check \
+         its mapping"
+    )]
+    PublicationChanged { table: String },
     #[error(
         "PostgreSQL has wal_level = {actual}; logical replication needs wal_level = logical. \
          Run `ALTER SYSTEM SET wal_level = logical;` and restart PostgreSQL"
@@ -35,9 +48,9 @@ pub enum SourceError {
     PublicationEmpty { publication: String },
     #[error(
         "replication slot `{slot}` does not exist and --no-create-slot is set; create it with \
-         `SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput');`"
+         `{create_sql}` (`outbox-cdc setup --apply` does)"
     )]
-    SlotMissing { slot: String },
+    SlotMissing { slot: String, create_sql: String },
     #[error(
         "replication slot `{slot}` uses the `{plugin}` plugin, but outbox-cdc needs `pgoutput`; \
          drop it (`SELECT pg_drop_replication_slot('{slot}');`) or choose another --slot"
@@ -54,8 +67,9 @@ pub enum SourceError {
     },
     #[error(
         "replication slot `{slot}` has been invalidated (wal_status = {wal_status}): PostgreSQL \
-         removed WAL it still needed, so events written meanwhile cannot be read. Drop and \
-         recreate the slot, and re-publish from the table if needed"
+         removed WAL it still needed, so events written meanwhile cannot be read. Drop it \
+         (`SELECT pg_drop_replication_slot('{slot}');`) and start again: outbox-cdc then names \
+         the events that may be missing and how to re-publish them from the table"
     )]
     SlotInvalidated { slot: String, wal_status: String },
     #[error(
@@ -106,6 +120,8 @@ impl SourceError {
             | SourceError::Query { transient, .. }
             | SourceError::Replication { transient, .. } => *transient,
             SourceError::SlotBusy { .. }
+            | SourceError::NoPrimary { .. }
+            | SourceError::PublicationChanged { .. }
             | SourceError::Ended
             | SourceError::WalsenderGone { .. }
             | SourceError::Unresponsive { .. } => true,

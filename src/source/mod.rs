@@ -27,10 +27,12 @@ mod stream;
 
 use std::time::Duration;
 
-pub use catalog::{Catalog, ServerReadiness, SlotState};
+pub use catalog::{
+    Catalog, FAILOVER_SLOTS_SINCE, PrimaryFailover, ServerReadiness, SlotState, StandbyFailover,
+};
 pub use error::SourceError;
 pub use names::{PublicationName, SlotName};
-pub use stream::{ReplicationStream, WalEvent};
+pub use stream::{PendingStream, ReplicationStream, ServerIdentity, TimelineAncestry, WalEvent};
 
 use connection::DatabaseUrl;
 

@@ -34,18 +34,110 @@ pub struct ReplicationStream {
     liveness: Liveness,
 }
 
+/// Who the server is, as the replication connection sees it (`IDENTIFY_SYSTEM`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerIdentity {
+    /// The cluster's system identifier: the same on a primary and its physical standbys,
+    /// another on a cluster made by `initdb`.
+    pub system_id: String,
+    /// The current timeline: a promoted standby starts a new one.
+    pub timeline: u32,
+    /// Where the server's WAL ends (flushed).
+    pub wal_end: Lsn,
+}
+
+/// How an earlier timeline relates to the server's current one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimelineAncestry {
+    /// It is the current timeline.
+    Current,
+    /// The current timeline branched off it at this position: its WAL up to here is this
+    /// server's history, what came after is not.
+    BranchedAt(Lsn),
+    /// It is not in this server's history.
+    Unrelated,
+}
+
+/// A replication connection that has not started streaming: what it learns of the server can
+/// still stop the session before anything is read.
+pub struct PendingStream {
+    client: ReplicationClient,
+    config: SourceConfig,
+    walsender_pid: i32,
+    identity: ServerIdentity,
+    liveness_client: std::sync::Arc<tokio_postgres::Client>,
+}
+
+impl PendingStream {
+    pub fn identity(&self) -> &ServerIdentity {
+        &self.identity
+    }
+
+    /// Where `timeline` stands in the current timeline's history (`TIMELINE_HISTORY`).
+    pub async fn ancestry(&mut self, timeline: u32) -> Result<TimelineAncestry, SourceError> {
+        let current = self.identity.timeline;
+        if timeline == current {
+            return Ok(TimelineAncestry::Current);
+        }
+        if current == 1 || timeline > current {
+            return Ok(TimelineAncestry::Unrelated);
+        }
+        let slot = self.config.slot.clone();
+        let history = self
+            .client
+            .timeline_history(current)
+            .await
+            .map_err(|e| SourceError::from_wire(&slot, e))?;
+        Ok(
+            branch_point(&String::from_utf8_lossy(&history.content), timeline)
+                .map_or(TimelineAncestry::Unrelated, TimelineAncestry::BranchedAt),
+        )
+    }
+
+    /// Sends `START_REPLICATION` and waits until the server accepted it.
+    pub async fn start(mut self) -> Result<ReplicationStream, SourceError> {
+        let slot = self.config.slot.clone();
+        let wire_error = |e| SourceError::from_wire(&slot, e);
+        self.client.start().await.map_err(wire_error)?;
+        self.client.wait_started().await.map_err(wire_error)?;
+        Ok(ReplicationStream {
+            client: self.client,
+            slot: slot.clone(),
+            liveness: Liveness::watch(
+                self.liveness_client,
+                slot,
+                self.walsender_pid,
+                self.config.replication_timeout,
+            ),
+        })
+    }
+}
+
+/// The position where `timeline` ends in a timeline history file (`<tli>\t<switchpoint>\t<reason>`
+/// per line).
+fn branch_point(history: &str, timeline: u32) -> Option<Lsn> {
+    history.lines().find_map(|line| {
+        let mut fields = line.split('\t');
+        let tli: u32 = fields.next()?.trim().parse().ok()?;
+        let switchpoint: Lsn = fields.next()?.trim().parse().ok()?;
+        (tli == timeline).then_some(switchpoint)
+    })
+}
+
 impl ReplicationStream {
-    /// Starts streaming from the slot's confirmed position. `confirmed` is what this process
-    /// knows to be safe to report as flushed (never below the slot's own position).
-    /// `catalog`'s connection watches that the server keeps streaming to this one.
-    pub async fn start(
+    /// Opens a replication connection to the host `catalog` chose, not yet streaming.
+    /// `confirmed` is what this process knows to be safe to report as flushed (never below the
+    /// slot's own position). `catalog`'s connection then watches that the server keeps
+    /// streaming to this one.
+    pub async fn connect(
         config: &SourceConfig,
         confirmed: Lsn,
         catalog: &Catalog,
-    ) -> Result<Self, SourceError> {
+    ) -> Result<PendingStream, SourceError> {
         let db = &config.database;
+        let host = catalog.host();
         let mut wire = ReplicationConfig::new(
-            db.host.clone(),
+            host.name.clone(),
             db.user.clone(),
             db.password
                 .as_ref()
@@ -55,8 +147,8 @@ impl ReplicationStream {
             config.slot.as_str(),
             config.publication.as_str(),
         )
-        .with_port(db.port)
-        .with_tls(db.replication_tls())
+        .with_port(host.port)
+        .with_tls(db.replication_tls(host))
         // 0/0: the server starts at the slot's confirmed position. A slot cannot rewind.
         .with_start_lsn(pgwire_replication::Lsn::from_u64(0))
         .with_status_interval(config.status_interval)
@@ -70,7 +162,8 @@ impl ReplicationStream {
             wire = wire.with_ack_lsn(confirmed.into());
         }
         let wire_error = |e| SourceError::from_wire(&config.slot, e);
-        // Gated: learn the walsender's pid on the session itself before it starts streaming.
+        // Gated: learn the walsender's pid and the server's identity on the session itself
+        // before it starts streaming.
         let mut client = ReplicationClient::connect_gated(wire)
             .await
             .map_err(wire_error)?;
@@ -87,17 +180,17 @@ impl ReplicationStream {
                 detail: format!("unexpected answer to SELECT pg_backend_pid(): {rows:?}"),
                 transient: false,
             })?;
-        client.start().await.map_err(wire_error)?;
-        client.wait_started().await.map_err(wire_error)?;
-        Ok(ReplicationStream {
+        let system = client.identify_system().await.map_err(wire_error)?;
+        Ok(PendingStream {
             client,
-            slot: config.slot.clone(),
-            liveness: Liveness::watch(
-                catalog.client.clone(),
-                config.slot.clone(),
-                walsender_pid,
-                config.replication_timeout,
-            ),
+            config: config.clone(),
+            walsender_pid,
+            identity: ServerIdentity {
+                system_id: system.system_id,
+                timeline: system.timeline,
+                wal_end: system.xlogpos.into(),
+            },
+            liveness_client: catalog.client.clone(),
         })
     }
 
@@ -142,12 +235,12 @@ impl ReplicationStream {
         self.client.update_applied_lsn(lsn.into());
     }
 
-    /// Waits until a status update carrying `lsn` has been sent (bounded by `timeout`), then ends
-    /// the session.
-    pub async fn finish(mut self, lsn: Lsn, timeout: Duration) {
+    /// Waits until a status update carrying `lsn` has been sent, then ends the session; both
+    /// bounded by `deadline`.
+    pub async fn finish(mut self, lsn: Lsn, deadline: tokio::time::Instant) {
         self.confirm(lsn);
         let metrics = self.client.metrics();
-        let sent = tokio::time::timeout(timeout, async {
+        let sent = tokio::time::timeout_at(deadline, async {
             while Lsn::from(metrics.last_applied_lsn()) < lsn || metrics.feedback_sent() == 0 {
                 // A worker that has ended (the server closed the connection) sends nothing
                 // more: waiting out the timeout would only delay the exit.
@@ -164,8 +257,28 @@ impl ReplicationStream {
             Ok(false) => tracing::warn!(%lsn,
                 "the replication connection was already closed: the final status update was not sent (the next start resumes from the slot)"),
             Err(_) => tracing::warn!(%lsn,
-                "the final status update was not confirmed sent before the timeout"),
+                "the final status update was not confirmed sent before the shutdown timeout"),
         }
-        let _ = tokio::time::timeout(Duration::from_secs(5), self.client.shutdown()).await;
+        if tokio::time::timeout_at(deadline, self.client.shutdown())
+            .await
+            .is_err()
+        {
+            self.client.abort();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_where_a_timeline_ended_from_its_history() {
+        let history = "1\t0/3023890\tno recovery target specified\n\n\
+                       2\t0/5000028\tno recovery target specified\n";
+        assert_eq!(branch_point(history, 1), Some(Lsn::new(0x3023890)));
+        assert_eq!(branch_point(history, 2), Some(Lsn::new(0x5000028)));
+        assert_eq!(branch_point(history, 3), None);
+        assert_eq!(branch_point("garbage\n", 1), None);
     }
 }

@@ -163,6 +163,11 @@ impl TestEnv {
         jetstream::new(client)
     }
 
+    /// The test's checkpoint bucket.
+    pub fn checkpoint_bucket(&self) -> String {
+        format!("cp_{}", self.subject_prefix)
+    }
+
     /// The subject template every test uses: `<prefix>.{aggregate_type}.{event_type}`.
     pub fn subject_template(&self) -> String {
         format!("{}.{{aggregate_type}}.{{event_type}}", self.subject_prefix)
@@ -202,6 +207,10 @@ impl TestEnv {
             // Tests run side by side: each endpoint on a free port (see `Publisher::http_addr`).
             "--http-addr".into(),
             "127.0.0.1:0".into(),
+            // A NATS server shared by tests (OUTBOX_CDC_TEST_NATS_URL) holds every test's
+            // checkpoint: each in a bucket of its own.
+            "--checkpoint-bucket".into(),
+            self.checkpoint_bucket(),
         ]
     }
 

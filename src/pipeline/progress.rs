@@ -1,0 +1,126 @@
+//! How far outbox-cdc got, kept in the checkpoint (a NATS KV key per slot): the newest
+//! position durable in JetStream, and the database history it was read from (system identifier
+//! and timeline).
+//!
+//! The position reported to PostgreSQL never passes what is saved here, so a slot found ahead of
+//! the record was moved by someone else — recreated, or advanced — and the events in between
+//! were never published (see [`super::continuity`]).
+
+use bytes::Bytes;
+
+use crate::lsn::Lsn;
+use crate::sink::{Checkpoint, SinkError};
+
+/// The checkpoint's value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProgressRecord {
+    /// Every event before this position is in JetStream.
+    pub lsn: Lsn,
+    /// Which database cluster (`IDENTIFY_SYSTEM`); None in records of older versions.
+    pub system_id: Option<String>,
+    /// The timeline `lsn` was on.
+    pub timeline: Option<u32>,
+}
+
+impl ProgressRecord {
+    /// Reads a saved value: this JSON, or a bare LSN as older versions saved it.
+    pub fn decode(bytes: &[u8]) -> Result<ProgressRecord, String> {
+        let text = String::from_utf8_lossy(bytes);
+        if let Ok(lsn) = text.parse::<Lsn>() {
+            return Ok(ProgressRecord {
+                lsn,
+                system_id: None,
+                timeline: None,
+            });
+        }
+        #[derive(serde::Deserialize)]
+        struct Saved {
+            lsn: String,
+            system_id: Option<String>,
+            timeline: Option<u32>,
+        }
+        let saved: Saved = serde_json::from_slice(bytes)
+            .map_err(|e| format!("`{text}` is neither an LSN nor a progress record: {e}"))?;
+        Ok(ProgressRecord {
+            lsn: saved.lsn.parse().map_err(|e| format!("`{text}`: {e}"))?,
+            system_id: saved.system_id,
+            timeline: saved.timeline,
+        })
+    }
+
+    pub fn encode(&self) -> Bytes {
+        Bytes::from(
+            serde_json::json!({
+                "lsn": self.lsn.to_string(),
+                "system_id": self.system_id,
+                "timeline": self.timeline,
+            })
+            .to_string(),
+        )
+    }
+}
+
+/// A session's handle on the record: saves newer positions, and says what is saved.
+pub struct Progress {
+    checkpoint: Checkpoint,
+    saved: ProgressRecord,
+}
+
+impl Progress {
+    /// Saves `record` at once (the session's start: a new history, or a gap accepted).
+    pub async fn start(
+        mut checkpoint: Checkpoint,
+        record: ProgressRecord,
+    ) -> Result<Progress, SinkError> {
+        checkpoint.save(record.encode()).await?;
+        Ok(Progress {
+            checkpoint,
+            saved: record,
+        })
+    }
+
+    /// The newest saved position: what may be reported to PostgreSQL.
+    pub fn saved(&self) -> Lsn {
+        self.saved.lsn
+    }
+
+    /// Saves `lsn` when it is newer than what was saved.
+    pub async fn save(&mut self, lsn: Lsn) -> Result<(), SinkError> {
+        if lsn <= self.saved.lsn {
+            return Ok(());
+        }
+        let record = ProgressRecord {
+            lsn,
+            ..self.saved.clone()
+        };
+        self.checkpoint.save(record.encode()).await?;
+        self.saved = record;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_what_it_writes_and_what_older_versions_wrote() {
+        let record = ProgressRecord {
+            lsn: Lsn::new(0x1_0000_0010),
+            system_id: Some("7714996357554463444".into()),
+            timeline: Some(2),
+        };
+        assert_eq!(ProgressRecord::decode(&record.encode()), Ok(record));
+        assert_eq!(
+            ProgressRecord::decode(b"0/16B3748"),
+            Ok(ProgressRecord {
+                lsn: Lsn::new(0x16B3748),
+                system_id: None,
+                timeline: None,
+            })
+        );
+        for bad in [&b"yesterday"[..], br#"{"lsn":"x"}"#, b"{}"] {
+            assert!(ProgressRecord::decode(bad).is_err());
+        }
+    }
+}
