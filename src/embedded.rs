@@ -321,6 +321,92 @@ impl EmbeddedPostgres {
     pub fn start_again(&self) -> Result<(), EmbeddedError> {
         self.pg_ctl_start()
     }
+
+    /// A streaming standby of this server, through a new physical slot `slot` on it
+    /// (`pg_basebackup -R -S`), with `settings` added to its configuration. Its
+    /// `primary_conninfo` names the database `postgres`, as syncing failover slots needs.
+    pub fn start_standby(
+        &self,
+        slot: &str,
+        settings: &[(&str, &str)],
+    ) -> Result<EmbeddedPostgres, EmbeddedError> {
+        self.psql(&format!(
+            "SELECT pg_create_physical_replication_slot('{slot}')"
+        ))?;
+        let basebackup = find_postgres_binary("pg_basebackup")?;
+        let dir = tempfile::Builder::new()
+            .prefix("outbox-cdc-pg-standby-")
+            .tempdir()
+            .map_err(io("creating a temporary directory"))?;
+        if self.run_as_postgres {
+            run(
+                Command::new("chown").arg("postgres:").arg(dir.path()),
+                "chown of the standby's directory",
+            )?;
+        }
+        let data = dir.path().join("data");
+        let mut backup = pg_command(self.run_as_postgres, &basebackup);
+        backup
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+            ])
+            .arg("-D")
+            .arg(&data)
+            .args(["-R", "-S", slot, "-X", "stream", "--no-sync"]);
+        run(&mut backup, "pg_basebackup")?;
+        let port = free_port()?;
+        let mut conf = std::fs::OpenOptions::new()
+            .append(true)
+            .open(data.join("postgresql.conf"))
+            .map_err(io("opening the standby's postgresql.conf"))?;
+        // Later lines win over the primary's, copied with the backup.
+        let mut lines = vec![
+            ("port".to_owned(), port.to_string()),
+            (
+                "unix_socket_directories".to_owned(),
+                format!("'{}'", dir.path().display()),
+            ),
+            ("hot_standby".to_owned(), "on".to_owned()),
+        ];
+        lines.extend(settings.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        for (key, value) in &lines {
+            writeln!(conf, "{key} = {value}").map_err(io("writing postgresql.conf"))?;
+        }
+        let auto = data.join("postgresql.auto.conf");
+        let text = std::fs::read_to_string(&auto).map_err(io("reading postgresql.auto.conf"))?;
+        std::fs::write(
+            &auto,
+            text.replacen(
+                "primary_conninfo = '",
+                "primary_conninfo = 'dbname=postgres ",
+                1,
+            ),
+        )
+        .map_err(io("writing postgresql.auto.conf"))?;
+        let standby = EmbeddedPostgres {
+            dir,
+            port,
+            pg_ctl: self.pg_ctl.clone(),
+            run_as_postgres: self.run_as_postgres,
+        };
+        standby.pg_ctl_start()?;
+        Ok(standby)
+    }
+
+    /// `pg_ctl promote`: a standby becomes a primary on a new timeline.
+    pub fn promote(&self) -> Result<(), EmbeddedError> {
+        let mut promote = pg_command(self.run_as_postgres, &self.pg_ctl);
+        promote
+            .arg("-D")
+            .arg(self.data_dir())
+            .args(["-w", "-t", "60", "promote"]);
+        run(&mut promote, "pg_ctl promote").map_err(|e| self.with_log(e))
+    }
 }
 
 impl Drop for EmbeddedPostgres {

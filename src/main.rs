@@ -1,3 +1,4 @@
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use outbox_cdc::commands::{self, ConfigError, Invocation, LogFormat, parse_cli};
@@ -74,8 +75,10 @@ const DEFAULT_LOG_FILTER: &str = "info,async_nats=warn,tokio_postgres=warn";
 fn init_logging(format: LogFormat) {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER));
+    // Colours only for a person at a terminal, not in a log file or a container's log.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),

@@ -292,3 +292,53 @@ async fn every_kind_of_bad_row_ends_where_the_policy_says() {
     );
     assert_eq!(header(by_case("non-ASCII"), "x-note"), Some("grüße ✓"));
 }
+
+/// A table with an id column whose value is NULL: the row is a poison row (its id is what
+/// consumers de-duplicate by), dead-lettered in its place here, never given a made-up id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_null_id_is_a_poison_row() {
+    let env = TestEnv::start_bare(Default::default()).await;
+    let p = env.subject_prefix.clone();
+    let sql = env.sql().await;
+    sql.batch_execute(
+        "CREATE TABLE outbox (id text, aggregate_type text, event_type text, payload jsonb);
+         CREATE PUBLICATION outbox_pub FOR TABLE outbox WITH (publish = 'insert');",
+    )
+    .await
+    .expect("create table");
+    env.create_stream().await;
+    let dead = format!("{p}.dead");
+    let mut args = env.publisher_args();
+    args.extend(["--on-error", "dead-letter", "--dead-letter-subject", &dead].map(String::from));
+    let publisher = Publisher::start(&args);
+    publisher
+        .wait_for_log("this instance is the leader", Duration::from_secs(30))
+        .await;
+    for id in [Some("a"), None, Some("c")] {
+        sql.execute(
+            "INSERT INTO outbox VALUES ($1, 'order', 'created', '{}')",
+            &[&id],
+        )
+        .await
+        .expect("insert");
+    }
+    let js = env.jetstream().await;
+    wait_for_messages(&js, &env.stream, 3, Duration::from_secs(30), || {
+        publisher.log()
+    })
+    .await;
+    let messages = read_stream(&js, &env.stream).await;
+    assert_eq!(messages[0].id, "a");
+    assert_eq!(messages[1].subject, dead, "{:?}", messages[1]);
+    assert_eq!(
+        header(&messages[1], "Outbox-Error-Kind"),
+        Some("unmappable")
+    );
+    assert!(
+        header(&messages[1], "Outbox-Error")
+            .is_some_and(|e| e.contains("the id column `id` is NULL")),
+        "{:?}",
+        messages[1]
+    );
+    assert_eq!(messages[2].id, "c");
+}

@@ -69,11 +69,20 @@ async fn setup_prints_then_applies_idempotently() {
         text.contains("CREATE PUBLICATION outbox_pub FOR TABLE outbox WITH (publish = 'insert');"),
         "{text}"
     );
-    assert!(
-        text.contains("pg_create_logical_replication_slot('outbox_cdc', 'pgoutput')"),
-        "{text}"
-    );
     let sql = env.sql().await;
+    let version: i32 = sql
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await
+        .unwrap()
+        .get(0);
+    // From PostgreSQL 17 on, a failover slot: standbys can keep a copy.
+    let create_slot = if version >= 170_000 {
+        "pg_create_logical_replication_slot('outbox_cdc', 'pgoutput', false, false, true)"
+    } else {
+        "pg_create_logical_replication_slot('outbox_cdc', 'pgoutput')"
+    };
+    assert!(text.contains(create_slot), "{text}");
+    assert!(text.contains("failover to a standby:"), "{text}");
     let table = sql
         .query_one("SELECT to_regclass('outbox') IS NULL", &[])
         .await
@@ -95,6 +104,17 @@ async fn setup_prints_then_applies_idempotently() {
         .await
         .unwrap();
     assert!(created.get::<_, bool>(0) && created.get::<_, bool>(1) && created.get::<_, bool>(2));
+    if version >= 170_000 {
+        let failover: bool = sql
+            .query_one(
+                "SELECT failover FROM pg_replication_slots WHERE slot_name = 'outbox_cdc'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert!(failover, "the slot is a failover slot");
+    }
 
     let again = setup(true).await.expect("join");
     let text = output_text(&again);

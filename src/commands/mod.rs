@@ -4,6 +4,7 @@
 
 pub mod cli;
 pub mod demo;
+mod failover;
 pub mod run;
 pub mod setup;
 pub mod status;

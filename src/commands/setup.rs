@@ -1,7 +1,9 @@
 //! `outbox-cdc setup`: checks the server and creates what is missing — the outbox table, its
-//! publication, the slot — or prints the SQL for it.
+//! publication, the slot (with failover on PostgreSQL 17+) — or prints the SQL for it, and says
+//! what a failover to a standby still needs.
 
 use super::cli::ConfigError;
+use super::failover;
 use super::run::resolve_database_url;
 use crate::source::connection::DatabaseUrl;
 use crate::source::{Catalog, PublicationName, SlotName, SourceError};
@@ -38,6 +40,12 @@ pub struct DatabaseArgs {
     /// Logical replication slot.
     #[arg(long, env = "OUTBOX_CDC_SLOT", default_value = "outbox_cdc")]
     pub slot: SlotName,
+
+    /// A standby to check for what failover needs (sync_replication_slots, hot_standby_feedback,
+    /// primary_conninfo with dbname, its physical slot) and whether it holds a synced copy of the
+    /// slot. Repeatable.
+    #[arg(long, value_name = "URL")]
+    pub standby_url: Vec<String>,
 }
 
 impl DatabaseArgs {
@@ -45,6 +53,23 @@ impl DatabaseArgs {
         let url: DatabaseUrl = resolve_database_url(self.database_url.clone())?;
         Ok(Catalog::connect(&url).await?)
     }
+
+    pub(super) fn standbys(&self) -> Result<Vec<DatabaseUrl>, AdminError> {
+        self.standby_url
+            .iter()
+            .map(|url| {
+                url.parse()
+                    .map_err(|e| AdminError::Config(ConfigError::DatabaseUrl(e)))
+            })
+            .collect()
+    }
+}
+
+/// One thing `setup` creates or changes.
+enum Step {
+    Sql(String),
+    /// `ALTER_REPLICATION_SLOT … (FAILOVER true)`: a replication command, not SQL.
+    EnableFailover,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -84,7 +109,8 @@ pub async fn setup(args: SetupArgs) -> Result<(), AdminError> {
     }
 
     let slot = &args.database.slot;
-    let mut plan: Vec<(String, String)> = Vec::new();
+    let standbys = args.database.standbys()?;
+    let mut plan: Vec<(String, Step)> = Vec::new();
     let table_kind = catalog.relation_kind(&args.table).await?;
     match table_kind {
         Some(kind) => println!(
@@ -94,7 +120,7 @@ pub async fn setup(args: SetupArgs) -> Result<(), AdminError> {
         ),
         None => plan.push((
             format!("create the outbox table `{}`", args.table),
-            create_table_sql(&args.table),
+            Step::Sql(create_table_sql(&args.table)),
         )),
     }
     if catalog.publication_exists(&args.publication).await? {
@@ -102,38 +128,71 @@ pub async fn setup(args: SetupArgs) -> Result<(), AdminError> {
     } else {
         plan.push((
             format!("create publication `{}`", args.publication),
-            create_publication_sql(&args.publication, &args.table, table_kind == Some('p')),
+            Step::Sql(create_publication_sql(
+                &args.publication,
+                &args.table,
+                table_kind == Some('p'),
+            )),
         ));
     }
-    match catalog.slot_state(slot).await? {
-        Some(state) => println!(
-            "  ok  replication slot `{slot}` exists (plugin {})",
-            state.plugin
-        ),
+    let slot_state = catalog.slot_state(slot).await?;
+    match &slot_state {
+        Some(state) => {
+            println!(
+                "  ok  replication slot `{slot}` exists (plugin {})",
+                state.plugin
+            );
+            if state.failover == Some(false) {
+                plan.push((
+                    format!("turn on failover for replication slot `{slot}`"),
+                    Step::EnableFailover,
+                ));
+            }
+        }
         None => plan.push((
             format!("create replication slot `{slot}`"),
-            format!("SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput');"),
+            Step::Sql(catalog.create_slot_sql(slot)),
         )),
     }
 
     if plan.is_empty() {
         println!("nothing to create");
     } else if args.apply {
-        for (what, sql) in &plan {
-            // A slot needs wal_level = logical: skip it rather than fail half-way.
-            if sql.contains("pg_create_logical_replication_slot") && !problems.is_empty() {
-                println!("  --  not creating the slot until the problems above are fixed");
-                continue;
+        for (what, step) in &plan {
+            match step {
+                // A slot needs wal_level = logical: skip it rather than fail half-way.
+                Step::Sql(sql)
+                    if sql.contains("pg_create_logical_replication_slot")
+                        && !problems.is_empty() =>
+                {
+                    println!("  --  not creating the slot until the problems above are fixed");
+                    continue;
+                }
+                Step::Sql(sql) => catalog.apply(sql).await?,
+                Step::EnableFailover => catalog.enable_failover(slot).await?,
             }
-            catalog.apply(sql).await?;
             println!("  ++  {what}");
         }
     } else {
         println!("\n-- SQL to run (or pass --apply):");
-        for (what, sql) in &plan {
-            println!("-- {what}\n{sql}\n");
+        for (what, step) in &plan {
+            match step {
+                Step::Sql(sql) => println!("-- {what}\n{sql}\n"),
+                Step::EnableFailover => println!(
+                    "-- {what} (a replication command: psql \"dbname={} replication=database\")\n\
+                     ALTER_REPLICATION_SLOT {slot} (FAILOVER true)\n",
+                    catalog.database().dbname
+                ),
+            }
         }
     }
+    let slot_state = match args.apply {
+        true => catalog.slot_state(slot).await?,
+        false => slot_state,
+    };
+    let failover = failover::check(&catalog, slot, slot_state.as_ref(), &standbys).await?;
+    println!("failover to a standby:");
+    print!("{}", failover::render(&failover.findings));
     if problems.is_empty() {
         Ok(())
     } else {

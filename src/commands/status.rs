@@ -1,9 +1,11 @@
-//! `outbox-cdc status`: where the slot stands and how much WAL it holds back.
+//! `outbox-cdc status`: where the slot stands, how much WAL it holds back, and whether it
+//! survives a failover to a standby.
 
 use std::fmt::Write as _;
 
 use serde::Serialize;
 
+use super::failover::{self, FailoverStatus};
 use super::run::NatsArgs;
 use super::setup::{AdminError, DatabaseArgs};
 use crate::lsn::Lsn;
@@ -19,8 +21,8 @@ pub struct StatusArgs {
     #[arg(long)]
     pub json: bool,
 
-    /// With a NATS URL (flag, OUTBOX_CDC_NATS_URL or NATS_URL), also show the checkpoint that
-    /// `run --replay-window` keeps.
+    /// With a NATS URL (flag, OUTBOX_CDC_NATS_URL or NATS_URL), also show the checkpoint:
+    /// where `run` got to.
     #[command(flatten)]
     pub nats: NatsArgs,
 
@@ -49,11 +51,13 @@ pub struct SlotStatus {
     /// WAL the slot keeps on disk (from `restart_lsn`), in bytes.
     pub retained_bytes: Option<u64>,
     pub wal_status: Option<String>,
-    /// The newest published position saved in NATS KV (`run --replay-window`).
+    /// The newest position confirmed, saved in NATS KV by `run`.
     pub checkpoint_lsn: Option<String>,
     /// Why there is no checkpoint position, when there is none.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub checkpoint_note: Option<String>,
+    /// Whether the slot survives a failover, and what it still needs.
+    pub failover: FailoverStatus,
 }
 
 /// Prints the slot's state; an error when the slot is missing or invalidated.
@@ -67,6 +71,8 @@ pub async fn status(args: StatusArgs) -> Result<(), AdminError> {
             slot: slot.to_string(),
         })?;
     let server = catalog.current_wal_lsn().await?;
+    let standbys = args.database.standbys()?;
+    let failover = failover::check(&catalog, slot, Some(&state), &standbys).await?;
     let behind = |lsn: Option<Lsn>| lsn.map(|lsn| server.bytes_since(lsn));
     let (checkpoint_lsn, checkpoint_note) = if args.nats.url().is_none() {
         (None, Some("not read: no NATS URL given".to_owned()))
@@ -98,6 +104,7 @@ pub async fn status(args: StatusArgs) -> Result<(), AdminError> {
         wal_status: state.wal_status.clone(),
         checkpoint_lsn,
         checkpoint_note,
+        failover,
     };
     if args.json {
         println!(
@@ -149,6 +156,16 @@ fn render_status(s: &SlotStatus) -> String {
             (None, None) => none(),
         },
     );
+    let _ = writeln!(
+        out,
+        "failover              {}",
+        match (s.failover.supported, s.failover.slot_failover) {
+            (false, _) => "no: PostgreSQL before 17 has no failover slots",
+            (true, Some(true)) => "yes: synced to standbys with sync_replication_slots",
+            (true, _) => "no: the slot was created without failover",
+        }
+    );
+    out.push_str(&failover::render(&s.failover.findings));
     out
 }
 
@@ -172,10 +189,21 @@ mod tests {
             wal_status: Some("reserved".into()),
             checkpoint_lsn: Some("0/18".into()),
             checkpoint_note: None,
+            failover: FailoverStatus {
+                supported: false,
+                slot_failover: None,
+                synchronized_standby_slots: Vec::new(),
+                standbys: Vec::new(),
+                findings: Vec::new(),
+            },
         });
         assert!(text.contains("checkpoint            0/18"), "{text}");
         assert!(text.contains("yes (pid 42)"), "{text}");
         assert!(text.contains("16 bytes"), "{text}");
         assert!(text.contains("retained WAL          -"), "{text}");
+        assert!(
+            text.contains("failover              no: PostgreSQL before 17"),
+            "{text}"
+        );
     }
 }
