@@ -18,12 +18,7 @@ use outbox_cdc::pipeline::Watermark;
 use outbox_cdc::pipeline::mapping::{MappingConfig, TableMapping, TransactionContext};
 use outbox_cdc::sink::Fence;
 use outbox_cdc::sink::fence::{StoredEvent, StreamSummary};
-use outbox_cdc::source::pgoutput::{self, Message};
-
-/// The unit tests' pgoutput encoder.
-#[path = "../src/source/pgoutput/encode.rs"]
-#[allow(dead_code)]
-mod encode;
+use outbox_cdc::source::pgoutput::{self, Message, encode};
 
 /// Counts allocations and the bytes they ask for (not frees): what "allocations per event" and
 /// "bytes per event" mean below.

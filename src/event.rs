@@ -23,6 +23,9 @@ pub mod header {
     /// The row's place among the published rows of its transaction, from 0: with the commit
     /// LSN, the event's position in the WAL, which a restart resumes after.
     pub const ROW_INDEX: &str = "Outbox-Row-Index";
+    /// Set (`true`) on events `outbox-cdc backfill` re-published from the table, which have no
+    /// commit LSN.
+    pub const BACKFILL: &str = "Outbox-Backfill";
 }
 
 /// Which row an event is: what a person needs to find it.

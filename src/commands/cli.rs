@@ -38,6 +38,8 @@ pub enum LogFormat {
 pub enum Command {
     /// Stream inserted outbox rows to JetStream until stopped (SIGTERM/SIGINT).
     Run(Box<RunArgs>),
+    /// Re-publish rows from the outbox table, with run's mapping, skipping what the stream holds.
+    Backfill(Box<super::backfill::BackfillArgs>),
     /// Try it: throwaway PostgreSQL and NATS, a sample producer and a subscriber, live.
     Demo(super::demo::DemoArgs),
     /// Check the server and create what is missing: outbox table, publication, slot.
@@ -78,7 +80,10 @@ where
             command = if top_level {
                 command.mut_arg(id, set)
             } else {
-                command.mut_subcommand("run", |run| run.mut_arg(id, set))
+                // `backfill` takes `run`'s flags, and so the same file.
+                command
+                    .mut_subcommand("run", |run| run.mut_arg(&id, set))
+                    .mut_subcommand("backfill", |backfill| backfill.mut_arg(&id, set))
             };
         }
     }
@@ -104,10 +109,11 @@ where
 /// Flags that make no sense inside the file itself.
 const NOT_IN_FILE: &[&str] = &["config", "print_config", "help", "version"];
 
-/// `--config FILE`, `--config=FILE` or `OUTBOX_CDC_CONFIG`, when the command is `run`.
+/// `--config FILE`, `--config=FILE` or `OUTBOX_CDC_CONFIG`, when the command is `run` or
+/// `backfill`.
 fn config_path(argv: &[OsString]) -> Option<PathBuf> {
     let args: Vec<&str> = argv.iter().skip(1).filter_map(|a| a.to_str()).collect();
-    if !args.contains(&"run") {
+    if !args.contains(&"run") && !args.contains(&"backfill") {
         return None;
     }
     let mut iter = args.iter();

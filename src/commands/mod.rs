@@ -1,7 +1,8 @@
-//! The commands a user runs: `run`, `setup`, `status`, `demo`. This is the outermost layer: it
+//! The commands a user runs: `run`, `backfill`, `setup`, `status`, `demo`. This is the outermost layer: it
 //! parses the command line ([`cli`]) and wires the source, pipeline, sink and HTTP endpoint
 //! together. Nothing below it knows about flags.
 
+pub mod backfill;
 pub mod cli;
 pub mod demo;
 mod failover;
@@ -19,6 +20,8 @@ pub enum CommandError {
     #[error(transparent)]
     Run(#[from] run::RunError),
     #[error(transparent)]
+    Backfill(#[from] backfill::BackfillError),
+    #[error(transparent)]
     Admin(#[from] setup::AdminError),
     #[error(transparent)]
     Demo(#[from] demo::DemoError),
@@ -31,6 +34,7 @@ pub async fn execute(
 ) -> Result<(), CommandError> {
     match command {
         Command::Run(args) => run::execute(*args, shutdown).await?,
+        Command::Backfill(args) => backfill::execute(*args).await?,
         Command::Setup(args) => setup::setup(args).await?,
         Command::Status(args) => status::status(args).await?,
         Command::Demo(args) => demo::run(args, shutdown).await?,

@@ -250,7 +250,7 @@ pub fn resolve_database_url(flag: Option<String>) -> Result<DatabaseUrl, ConfigE
     Ok(url.parse()?)
 }
 
-fn parse_duration(text: &str) -> Result<Duration, String> {
+pub(super) fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text)
         .map_err(|e| format!("`{text}` is not a duration like 500ms, 1s or 10m: {e}"))
 }

@@ -326,21 +326,10 @@ impl TableMapping {
         // The tool's own headers win over user headers of the same name.
         // Names from `from_static`: inserting them allocates no copy of the name.
         headers.insert(HeaderName::from_static(header::MSG_ID), event_id.clone());
-        headers.insert(
-            HeaderName::from_static(header::COMMIT_LSN),
-            txn.commit_lsn_header.clone(),
-        );
+        txn.insert_headers(&mut headers, row_index);
         headers.insert(
             HeaderName::from_static(header::TABLE),
             self.table_header.clone(),
-        );
-        headers.insert(
-            HeaderName::from_static(header::COMMIT_TIME),
-            txn.commit_time_header.clone(),
-        );
-        headers.insert(
-            HeaderName::from_static(header::ROW_INDEX),
-            HeaderValue::from(itoa::Buffer::new().format(row_index)),
         );
 
         let payload = match column(tuple, self.payload) {
@@ -387,7 +376,16 @@ impl TableMapping {
                     .map_err(|_| format!("the id column `{name}` is not valid UTF-8"))?,
                 _ => return Err(format!("the id column `{name}` is NULL")),
             },
-            None => return Ok(self.qualified(&fallback_id(txn.commit_lsn, row_index))),
+            None if txn.is_wal() => {
+                return Ok(self.qualified(&fallback_id(txn.commit_lsn, row_index)));
+            }
+            None => {
+                return Err(
+                    "the table has no id column, and ids made of the commit LSN cannot be made \
+                     again from the table: give --id-column"
+                        .into(),
+                );
+            }
         };
         let id = match &self.id_prefix {
             Some(prefix) => HeaderValue::from_str(&format!("{prefix}{id}")),
@@ -482,13 +480,23 @@ impl TableMapping {
     }
 }
 
-/// Values shared by every row of a transaction, formatted once.
+/// Values shared by every row of a transaction, formatted once: a transaction read from the
+/// WAL, or rows read again from the table (a backfill), which have no commit LSN.
 #[derive(Debug, Clone)]
 pub struct TransactionContext {
+    /// `Lsn::ZERO` for a backfill.
     pub commit_lsn: Lsn,
     pub commit_time: std::time::SystemTime,
-    commit_lsn_header: HeaderValue,
-    commit_time_header: HeaderValue,
+    headers: OriginHeaders,
+}
+
+#[derive(Debug, Clone)]
+enum OriginHeaders {
+    Wal {
+        commit_lsn: HeaderValue,
+        commit_time: HeaderValue,
+    },
+    Backfill,
 }
 
 impl TransactionContext {
@@ -497,8 +505,50 @@ impl TransactionContext {
         TransactionContext {
             commit_lsn,
             commit_time: pg_timestamp_to_system_time(commit_time_micros),
-            commit_lsn_header: HeaderValue::from(commit_lsn.to_string()),
-            commit_time_header: HeaderValue::from(format_pg_timestamp(commit_time_micros)),
+            headers: OriginHeaders::Wal {
+                commit_lsn: HeaderValue::from(commit_lsn.to_string()),
+                commit_time: HeaderValue::from(format_pg_timestamp(commit_time_micros)),
+            },
+        }
+    }
+
+    /// Rows read from the table by `outbox-cdc backfill`: marked as such, with no commit LSN.
+    pub fn backfill() -> Self {
+        TransactionContext {
+            commit_lsn: Lsn::ZERO,
+            commit_time: std::time::SystemTime::now(),
+            headers: OriginHeaders::Backfill,
+        }
+    }
+
+    fn is_wal(&self) -> bool {
+        matches!(self.headers, OriginHeaders::Wal { .. })
+    }
+
+    /// The headers saying where the row comes from.
+    fn insert_headers(&self, headers: &mut HeaderMap, row_index: u32) {
+        match &self.headers {
+            OriginHeaders::Wal {
+                commit_lsn,
+                commit_time,
+            } => {
+                // Names from `from_static`: inserting them allocates no copy of the name.
+                headers.insert(
+                    HeaderName::from_static(header::COMMIT_LSN),
+                    commit_lsn.clone(),
+                );
+                headers.insert(
+                    HeaderName::from_static(header::COMMIT_TIME),
+                    commit_time.clone(),
+                );
+                headers.insert(
+                    HeaderName::from_static(header::ROW_INDEX),
+                    HeaderValue::from(itoa::Buffer::new().format(row_index)),
+                );
+            }
+            OriginHeaders::Backfill => {
+                headers.insert(HeaderName::from_static(header::BACKFILL), "true");
+            }
         }
     }
 }

@@ -23,6 +23,7 @@
 //! - A row is published as itself, as its dead letter in its place, or the process stops: it is
 //!   never skipped.
 
+pub mod backfill;
 mod continuity;
 mod error;
 pub mod mapping;

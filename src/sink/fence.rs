@@ -194,6 +194,10 @@ impl Fence {
         }
     }
 
+    pub fn name(&self, stream: StreamIndex) -> Option<&str> {
+        self.streams.get(stream.0).map(|s| s.name.as_str())
+    }
+
     pub fn stream_names(&self) -> impl Iterator<Item = &str> {
         self.streams.iter().map(|s| s.name.as_str())
     }

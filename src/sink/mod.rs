@@ -121,7 +121,9 @@ impl<T> JetStreamSink<T> {
         } = message;
         let size = payload.len();
         let stream = self.fence.stream_of(subject.as_str());
+        // A backfilled row has no WAL position (commit LSN 0/0) to resume after.
         if let Some(stream) = stream
+            && !event.commit_lsn.is_zero()
             && self.fence.already_stored(stream, &event)
         {
             return Ok(Sent::AlreadyStored);

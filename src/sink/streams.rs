@@ -1,7 +1,10 @@
 //! The streams events go to: the one `--stream` creates, their duplicate windows checked, and
 //! the account's stream list that fencing needs.
 
-use async_nats::jetstream::{self, stream};
+use std::collections::HashSet;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, stream};
 
 use super::error::get_stream_error;
 use super::fence::{Fence, StoredEvent, StreamEnd, StreamSummary};
@@ -150,5 +153,67 @@ impl<T> JetStreamSink<T> {
     /// off: the streams are then not read).
     pub fn stream_end(&self) -> Option<StreamEnd> {
         self.fence.end()
+    }
+
+    /// The name of the stream that captures `subject`, among those known when the session
+    /// started.
+    pub fn stream_name_of(&mut self, subject: &str) -> Option<String> {
+        let stream = self.fence.stream_of(subject)?;
+        self.fence.name(stream).map(str::to_owned)
+    }
+
+    /// The `Nats-Msg-Id` of every message stream `name` stored since `since` (all of them
+    /// without), read headers-only.
+    pub async fn stored_ids(
+        &self,
+        name: &str,
+        since: Option<time::OffsetDateTime>,
+    ) -> Result<HashSet<String>, SinkError> {
+        use futures::StreamExt;
+        let unavailable = |e: &dyn std::fmt::Display| {
+            SinkError::StreamUnavailable(format!("reading the ids in stream `{name}`: {e}"))
+        };
+        let mut stream = self
+            .context
+            .get_stream(name)
+            .await
+            .map_err(|e| get_stream_error(name, e))?;
+        let info = stream.info().await.map_err(|e| unavailable(&e))?;
+        let mut ids = HashSet::new();
+        if info.state.messages == 0 || since.is_some_and(|t| info.state.last_timestamp < t) {
+            return Ok(ids);
+        }
+        let consumer = stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                headers_only: true,
+                deliver_policy: match since {
+                    Some(start_time) => consumer::DeliverPolicy::ByStartTime { start_time },
+                    None => consumer::DeliverPolicy::All,
+                },
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| unavailable(&e))?;
+        let mut messages = consumer.messages().await.map_err(|e| unavailable(&e))?;
+        loop {
+            let message = match tokio::time::timeout(Duration::from_secs(10), messages.next()).await
+            {
+                Ok(Some(Ok(message))) => message,
+                Ok(Some(Err(e))) => return Err(unavailable(&e)),
+                Ok(None) => break,
+                Err(_) => return Err(unavailable(&"no message within 10 s")),
+            };
+            if let Some(id) = message
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(crate::event::header::MSG_ID))
+            {
+                ids.insert(id.as_str().to_owned());
+            }
+            if message.info().map_or(true, |info| info.pending == 0) {
+                break;
+            }
+        }
+        Ok(ids)
     }
 }

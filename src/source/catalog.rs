@@ -406,6 +406,23 @@ impl Catalog {
             .map_err(|e| SourceError::query("reading pg_publication", e))
     }
 
+    /// The primary key's columns of `table`, in key order (none without a primary key).
+    pub async fn primary_key(&self, table: &Relation) -> Result<Vec<String>, SourceError> {
+        let rows = self
+            .client
+            .query(
+                "SELECT a.attname::text
+                   FROM pg_index i
+                   JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
+                  WHERE i.indrelid = $1 AND i.indisprimary
+                  ORDER BY array_position(i.indkey::int2[], a.attnum)",
+                &[&table.id],
+            )
+            .await
+            .map_err(|e| SourceError::query("reading the table's primary key", e))?;
+        Ok(rows.iter().map(|row| row.get(0)).collect())
+    }
+
     /// Runs statements an operator asked for (`setup --apply`).
     pub async fn apply(&self, sql: &str) -> Result<(), SourceError> {
         self.client

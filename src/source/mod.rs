@@ -24,6 +24,7 @@ mod liveness;
 mod names;
 pub mod pgoutput;
 mod stream;
+mod table;
 
 use std::time::Duration;
 
@@ -33,6 +34,7 @@ pub use catalog::{
 pub use error::SourceError;
 pub use names::{PublicationName, SlotName};
 pub use stream::{PendingStream, ReplicationStream, ServerIdentity, TimelineAncestry, WalEvent};
+pub use table::{Selection, TableQuery, TableReader, TextRow, quote_ident};
 
 use connection::DatabaseUrl;
 

@@ -1,4 +1,4 @@
-//! pgoutput messages as PostgreSQL sends them, built for tests and benchmarks.
+//! pgoutput messages as PostgreSQL sends them.
 
 /// A Relation message.
 pub fn relation(id: u32, namespace: &str, name: &str, columns: &[(&str, u32)]) -> Vec<u8> {

@@ -310,10 +310,9 @@ impl fmt::Display for SkippedKind {
     }
 }
 
-/// Encoders for unit tests (the hot-path benchmark includes the file too): they build the bytes
-/// PostgreSQL would send.
-#[cfg(test)]
-pub(crate) mod encode;
+/// Encoders: the bytes PostgreSQL would send. `backfill` maps rows read from the table through
+/// them, exactly as rows read from the WAL; tests and benchmarks build messages with them.
+pub mod encode;
 
 #[cfg(test)]
 mod tests {
