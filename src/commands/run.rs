@@ -148,6 +148,13 @@ pub struct RunArgs {
     #[arg(long, env = "OUTBOX_CDC_ACCEPT_GAP")]
     pub accept_gap: bool,
 
+    /// When creating the slot, first publish the rows this SQL condition selects as of the
+    /// slot's starting point (e.g. `published_at IS NULL`): the switch from a polling relay,
+    /// every older unsent row from that snapshot, every newer row from the WAL, none twice.
+    /// Ignored when the slot exists.
+    #[arg(long, env = "OUTBOX_CDC_INITIAL_BACKFILL", value_name = "SQL")]
+    pub initial_backfill: Option<String>,
+
     /// KV bucket of the checkpoint: where outbox-cdc got to, and on which database history;
     /// the key is the slot name.
     #[arg(
@@ -345,6 +352,7 @@ impl RunArgs {
             },
             standby_retry: self.standby_retry,
             accept_gap: self.accept_gap,
+            initial_backfill: self.initial_backfill,
             replay: ReplayConfig {
                 start_lsn: self.start_lsn,
                 window: self.replay_window,

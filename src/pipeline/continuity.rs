@@ -238,6 +238,7 @@ mod tests {
             lsn: Lsn::new(lsn),
             system_id: Some("42".into()),
             timeline: Some(timeline),
+            initial_backfill_pending: false,
         })
     }
 

@@ -67,6 +67,9 @@ pub struct RunConfig {
     pub replay: ReplayConfig,
     /// Go on past the gap found at start (see [`continuity`]), once.
     pub accept_gap: bool,
+    /// When the slot is created: publish the rows this SQL condition selects in the slot's
+    /// snapshot first (the switch from a polling relay).
+    pub initial_backfill: Option<String>,
 }
 
 /// Where to start and how much history to keep.

@@ -20,6 +20,9 @@ pub struct ProgressRecord {
     pub system_id: Option<String>,
     /// The timeline `lsn` was on.
     pub timeline: Option<u32>,
+    /// A slot was created for `--initial-backfill`, whose rows are not all published yet:
+    /// nothing was streamed from it, and a new start drops it and begins again.
+    pub initial_backfill_pending: bool,
 }
 
 impl ProgressRecord {
@@ -31,6 +34,7 @@ impl ProgressRecord {
                 lsn,
                 system_id: None,
                 timeline: None,
+                initial_backfill_pending: false,
             });
         }
         #[derive(serde::Deserialize)]
@@ -38,6 +42,8 @@ impl ProgressRecord {
             lsn: String,
             system_id: Option<String>,
             timeline: Option<u32>,
+            #[serde(default)]
+            initial_backfill_pending: bool,
         }
         let saved: Saved = serde_json::from_slice(bytes)
             .map_err(|e| format!("`{text}` is neither an LSN nor a progress record: {e}"))?;
@@ -45,6 +51,7 @@ impl ProgressRecord {
             lsn: saved.lsn.parse().map_err(|e| format!("`{text}`: {e}"))?,
             system_id: saved.system_id,
             timeline: saved.timeline,
+            initial_backfill_pending: saved.initial_backfill_pending,
         })
     }
 
@@ -54,6 +61,7 @@ impl ProgressRecord {
                 "lsn": self.lsn.to_string(),
                 "system_id": self.system_id,
                 "timeline": self.timeline,
+                "initial_backfill_pending": self.initial_backfill_pending,
             })
             .to_string(),
         )
@@ -67,6 +75,17 @@ pub struct Progress {
 }
 
 impl Progress {
+    /// Marks an initial backfill as under way (before its slot is created).
+    pub async fn initial_backfill_pending(checkpoint: &mut Checkpoint) -> Result<(), SinkError> {
+        let record = ProgressRecord {
+            lsn: Lsn::ZERO,
+            system_id: None,
+            timeline: None,
+            initial_backfill_pending: true,
+        };
+        checkpoint.save(record.encode()).await
+    }
+
     /// Saves `record` at once (the session's start: a new history, or a gap accepted).
     pub async fn start(
         mut checkpoint: Checkpoint,
@@ -109,6 +128,7 @@ mod tests {
             lsn: Lsn::new(0x1_0000_0010),
             system_id: Some("7714996357554463444".into()),
             timeline: Some(2),
+            initial_backfill_pending: true,
         };
         assert_eq!(ProgressRecord::decode(&record.encode()), Ok(record));
         assert_eq!(
@@ -117,6 +137,7 @@ mod tests {
                 lsn: Lsn::new(0x16B3748),
                 system_id: None,
                 timeline: None,
+                initial_backfill_pending: false,
             })
         );
         for bad in [&b"yesterday"[..], br#"{"lsn":"x"}"#, b"{}"] {

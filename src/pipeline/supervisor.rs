@@ -17,6 +17,7 @@ use backon::BackoffBuilder;
 use tokio::sync::watch;
 
 use super::RunConfig;
+use super::backfill::{self, BackfillConfig, Rows, TableReport};
 use super::continuity::{self, Gap, Published};
 use super::error::Error;
 use super::mapping::TableMapping;
@@ -222,15 +223,23 @@ impl Supervisor<'_> {
         let mut sink = Sink::connect(&self.config.sink).await?;
         sink.prepare(&self.config.sink).await?;
         let bucket = &self.config.replay.checkpoint_bucket;
-        let (checkpoint, saved) =
+        let (mut checkpoint, saved) =
             Checkpoint::open(sink.context(), bucket, source.slot.as_str()).await?;
-        let record = saved
+        let mut record = saved
             .map(|value| ProgressRecord::decode(&value))
             .transpose()
             .map_err(|detail| SinkError::Checkpoint {
                 bucket: bucket.clone(),
                 detail: format!("key `{}`: {detail}", source.slot),
             })?;
+        let mut slot_state = slot_state;
+        if record.as_ref().is_some_and(|r| r.initial_backfill_pending) {
+            // The slot has not streamed: it can go, and the switch begin again.
+            slot_state = self
+                .restart_initial_backfill(catalog, slot_state.is_some())
+                .await?;
+            record = None;
+        }
         let published = Published {
             stream_end: sink.stream_end(),
             record: record.clone(),
@@ -256,7 +265,15 @@ impl Supervisor<'_> {
                 }
                 gap_accepted |=
                     self.gate(continuity::before_creating_slot(&source.slot, &published))?;
-                catalog.create_slot(&source.slot).await?;
+                match &self.config.initial_backfill {
+                    Some(predicate) => {
+                        self.initial_backfill(catalog, &mut checkpoint, predicate)
+                            .await?;
+                        // The streams hold the backfilled rows now: fence after them.
+                        sink.prepare(&self.config.sink).await?;
+                    }
+                    None => catalog.create_slot(&source.slot).await?,
+                }
                 let state = catalog
                     .slot_state(&source.slot)
                     .await?
@@ -305,6 +322,7 @@ impl Supervisor<'_> {
                 lsn,
                 system_id: Some(identity.system_id.clone()),
                 timeline: Some(identity.timeline),
+                initial_backfill_pending: false,
             },
         )
         .await?;
@@ -323,6 +341,73 @@ impl Supervisor<'_> {
                 qualify_ids,
             },
         })
+    }
+
+    /// `--initial-backfill`, when the slot is created: the slot exports the snapshot it starts
+    /// from, the rows `predicate` selects in that snapshot are published (what the old relay had
+    /// not sent yet), and streaming then goes on from the slot — every older row from the
+    /// snapshot, every newer one from the WAL, none twice.
+    async fn initial_backfill(
+        &self,
+        catalog: &Catalog,
+        checkpoint: &mut Checkpoint,
+        predicate: &str,
+    ) -> Result<(), Error> {
+        Progress::initial_backfill_pending(checkpoint).await?;
+        let snapshot = catalog
+            .create_slot_with_snapshot(&self.config.source.slot)
+            .await?;
+        let config = BackfillConfig {
+            publication: self.config.source.publication.clone(),
+            sink: self.config.sink.clone(),
+            mapping: self.config.pipeline.mapping.clone(),
+            on_error: self.config.pipeline.on_error.clone(),
+            rows: Rows::Where(predicate.to_owned()),
+            table: None,
+            order_by: None,
+            created_column: None,
+            batch: 1000,
+            snapshot: Some(snapshot.name.clone()),
+            dry_run: false,
+        };
+        let reports = backfill::backfill(&config, catalog, &mut LoggedProgress).await?;
+        drop(snapshot);
+        for report in reports {
+            tracing::info!(table = %report.table, selected = report.selected, published = report.published,
+                already_present = report.already_present, dead_lettered = report.dead_lettered,
+                "--initial-backfill: published the rows the snapshot selects; streaming from the slot from here");
+        }
+        Ok(())
+    }
+
+    /// A slot created for `--initial-backfill` whose rows were not all published (the process
+    /// ended): it never streamed, so it is dropped and the switch begins again.
+    async fn restart_initial_backfill(
+        &self,
+        catalog: &Catalog,
+        slot_exists: bool,
+    ) -> Result<Option<SlotState>, Error> {
+        let slot = &self.config.source.slot;
+        if self.config.initial_backfill.is_none() {
+            return Err(SourceError::Query {
+                context: format!("replication slot `{slot}`"),
+                detail: format!(
+                    "an --initial-backfill did not finish: start again with the same \
+                     --initial-backfill (it drops the slot, which never streamed, and begins \
+                     again), or drop the slot (`SELECT pg_drop_replication_slot('{slot}');`)"
+                ),
+                transient: false,
+            }
+            .into());
+        }
+        if slot_exists {
+            tracing::warn!(slot = %slot,
+                "an --initial-backfill did not finish: dropping its slot, which never streamed, and beginning again");
+            catalog
+                .apply(&format!("SELECT pg_drop_replication_slot('{slot}')"))
+                .await?;
+        }
+        Ok(None)
     }
 
     /// The server's history must hold what was published (see [`continuity::history`]).
@@ -381,6 +466,18 @@ impl Supervisor<'_> {
             self.role = Role::Standby(pid);
         }
     }
+}
+
+/// The initial backfill's progress, in the log.
+struct LoggedProgress;
+
+impl backfill::Progress for LoggedProgress {
+    fn table(&mut self, report: &TableReport) {
+        tracing::info!(table = %report.table, rows = report.selected, predicate = %report.predicate,
+            order_by = ?report.order_by, "--initial-backfill: rows selected in the slot's snapshot");
+    }
+
+    fn rows(&mut self, _done: u64, _total: u64) {}
 }
 
 /// Resolves once shutdown is requested; never when nobody can request it any more.

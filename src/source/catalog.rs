@@ -64,6 +64,13 @@ pub struct StandbyFailover {
     pub primary_slot_name: String,
 }
 
+/// A snapshot exported by a slot's creation, valid while this lives (its session stays open
+/// and idle).
+pub struct ExportedSnapshot {
+    _session: pgwire_replication::ReplicationClient,
+    pub name: String,
+}
+
 /// Ordinary SQL against the source database: checks, slot management, status.
 pub struct Catalog {
     /// Shared with the liveness watch of the running session.
@@ -461,9 +468,11 @@ impl Catalog {
         }
     }
 
-    /// Turns on `failover` for an existing slot (`ALTER_REPLICATION_SLOT`, PostgreSQL 17+: a
-    /// replication command, so over a replication connection).
-    pub async fn enable_failover(&self, slot: &SlotName) -> Result<(), SourceError> {
+    /// A replication session to this host that runs commands and never streams.
+    async fn command_session(
+        &self,
+        slot: &SlotName,
+    ) -> Result<pgwire_replication::ReplicationClient, SourceError> {
         let db = &self.database;
         let config = pgwire_replication::ReplicationConfig::new(
             self.host.name.clone(),
@@ -480,16 +489,60 @@ impl Catalog {
         .with_port(self.host.port)
         .with_tls(db.replication_tls(&self.host))
         .with_application_name(db.application_name.clone());
-        let wire_error = |e| SourceError::from_wire(slot, e);
-        let mut client = pgwire_replication::ReplicationClient::connect_gated(config)
+        pgwire_replication::ReplicationClient::connect_gated(config)
             .await
-            .map_err(wire_error)?;
+            .map_err(|e| SourceError::from_wire(slot, e))
+    }
+
+    /// Turns on `failover` for an existing slot (`ALTER_REPLICATION_SLOT`, PostgreSQL 17+: a
+    /// replication command, so over a replication connection).
+    pub async fn enable_failover(&self, slot: &SlotName) -> Result<(), SourceError> {
+        let mut client = self.command_session(slot).await?;
         client
             .simple_query(&format!("ALTER_REPLICATION_SLOT {slot} (FAILOVER true)"))
             .await
-            .map_err(wire_error)?;
+            .map_err(|e| SourceError::from_wire(slot, e))?;
         client.abort();
         Ok(())
+    }
+
+    /// Creates the slot (with failover on 17+) and exports the snapshot it starts from: rows
+    /// visible in it are exactly those committed before the slot's first change. The snapshot
+    /// lives as long as the returned value.
+    pub async fn create_slot_with_snapshot(
+        &self,
+        slot: &SlotName,
+    ) -> Result<ExportedSnapshot, SourceError> {
+        let mut client = self.command_session(slot).await?;
+        let failover = if self.has_failover_slots() {
+            ", FAILOVER true"
+        } else {
+            ""
+        };
+        let rows = client
+            .simple_query(&format!(
+                "CREATE_REPLICATION_SLOT {slot} LOGICAL pgoutput (SNAPSHOT 'export'{failover})"
+            ))
+            .await
+            .map_err(|e| SourceError::from_wire(slot, e))?;
+        let text = |i: usize| {
+            rows.first()
+                .and_then(|row| row.get(i))
+                .and_then(|value| value.as_deref())
+                .map(|bytes| String::from_utf8_lossy(bytes).into_owned())
+        };
+        let (Some(consistent_point), Some(name)) = (text(1), text(2)) else {
+            return Err(SourceError::Replication {
+                detail: format!("unexpected answer to CREATE_REPLICATION_SLOT: {rows:?}"),
+                transient: false,
+            });
+        };
+        tracing::info!(slot = %slot, %consistent_point, snapshot = %name, failover = self.has_failover_slots(),
+            "created replication slot with an exported snapshot");
+        Ok(ExportedSnapshot {
+            _session: client,
+            name,
+        })
     }
 
     /// Checks that `state`, our slot's, suits us.

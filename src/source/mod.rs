@@ -29,7 +29,8 @@ mod table;
 use std::time::Duration;
 
 pub use catalog::{
-    Catalog, FAILOVER_SLOTS_SINCE, PrimaryFailover, ServerReadiness, SlotState, StandbyFailover,
+    Catalog, ExportedSnapshot, FAILOVER_SLOTS_SINCE, PrimaryFailover, ServerReadiness, SlotState,
+    StandbyFailover,
 };
 pub use error::SourceError;
 pub use names::{PublicationName, SlotName};
