@@ -40,6 +40,8 @@ pub enum Command {
     Run(Box<RunArgs>),
     /// Re-publish rows from the outbox table, with run's mapping, skipping what the stream holds.
     Backfill(Box<super::backfill::BackfillArgs>),
+    /// Audit a stream: commit order, the predecessor chain, no id twice; against the table too.
+    Verify(Box<super::verify::VerifyArgs>),
     /// Try it: throwaway PostgreSQL and NATS, a sample producer and a subscriber, live.
     Demo(super::demo::DemoArgs),
     /// Check the server and create what is missing: outbox table, publication, slot.

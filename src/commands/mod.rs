@@ -1,4 +1,4 @@
-//! The commands a user runs: `run`, `backfill`, `setup`, `status`, `demo`. This is the outermost layer: it
+//! The commands a user runs: `run`, `backfill`, `verify`, `setup`, `status`, `demo`. This is the outermost layer: it
 //! parses the command line ([`cli`]) and wires the source, pipeline, sink and HTTP endpoint
 //! together. Nothing below it knows about flags.
 
@@ -9,6 +9,7 @@ mod failover;
 pub mod run;
 pub mod setup;
 pub mod status;
+pub mod verify;
 
 use tokio::sync::watch;
 
@@ -25,6 +26,8 @@ pub enum CommandError {
     Admin(#[from] setup::AdminError),
     #[error(transparent)]
     Demo(#[from] demo::DemoError),
+    #[error(transparent)]
+    Verify(#[from] verify::VerifyError),
 }
 
 /// Runs `command` until it is done, fails, or `shutdown` turns true.
@@ -38,6 +41,7 @@ pub async fn execute(
         Command::Setup(args) => setup::setup(args).await?,
         Command::Status(args) => status::status(args).await?,
         Command::Demo(args) => demo::run(args, shutdown).await?,
+        Command::Verify(args) => verify::execute(*args).await?,
     }
     Ok(())
 }

@@ -189,11 +189,7 @@ pub struct MissingColumn {
 pub struct TableMapping {
     table: Arc<str>,
     table_header: HeaderValue,
-    /// The event id's column, with its name.
-    id: Option<(usize, String)>,
-    /// `schema.table:`, put before every event id when the publication has more than one table,
-    /// so that two tables' ids cannot collide in JetStream's de-duplication.
-    id_prefix: Option<String>,
+    ids: EventIds,
     payload: usize,
     payload_is_bytea: bool,
     headers: Option<(usize, String)>,
@@ -229,10 +225,7 @@ impl TableMapping {
                     .collect(),
             })
         };
-        let id = match &config.id_column {
-            Some(column) => Some((find(column, "--id-column")?, column.clone())),
-            None => relation.column_index("id").map(|i| (i, "id".to_owned())),
-        };
+        let ids = EventIds::bind(config.id_column.as_deref(), relation, qualify_ids)?;
         let payload = find(&config.payload_column, "--payload-column")?;
         let headers = match &config.headers_column {
             Some(column) => Some((find(column, "--headers-column")?, column.clone())),
@@ -265,10 +258,9 @@ impl TableMapping {
             .transpose()?;
         let table_header = HeaderValue::from_str(&table).unwrap_or_default();
         Ok(TableMapping {
-            id_prefix: qualify_ids.then(|| format!("{table}:")),
             table: Arc::from(table),
             table_header,
-            id,
+            ids,
             payload,
             payload_is_bytea: relation.columns[payload].type_oid == BYTEA_OID,
             headers,
@@ -362,43 +354,17 @@ impl TableMapping {
         }
     }
 
-    /// The event id: the id column's text, or without one `<commit LSN>:<row index>` (the same
-    /// for every replay of the WAL); qualified by the table when the publication has several.
     fn event_id(
         &self,
         tuple: &Tuple<'_>,
         txn: &TransactionContext,
         row_index: u32,
     ) -> Result<HeaderValue, String> {
-        let id = match &self.id {
-            Some((index, name)) => match column(tuple, *index)? {
-                ColumnValue::Text(id) => std::str::from_utf8(id)
-                    .map_err(|_| format!("the id column `{name}` is not valid UTF-8"))?,
-                _ => return Err(format!("the id column `{name}` is NULL")),
-            },
-            None if txn.is_wal() => {
-                return Ok(self.qualified(&fallback_id(txn.commit_lsn, row_index)));
-            }
-            None => {
-                return Err(
-                    "the table has no id column, and ids made of the commit LSN cannot be made \
-                     again from the table: give --id-column"
-                        .into(),
-                );
-            }
-        };
-        let id = match &self.id_prefix {
-            Some(prefix) => HeaderValue::from_str(&format!("{prefix}{id}")),
-            None => HeaderValue::from_str(id),
-        };
-        id.map_err(|_| "the id is not a valid header value (it contains a line break)".into())
+        self.ids.of(tuple, txn, row_index)
     }
 
     fn qualified(&self, id: &str) -> HeaderValue {
-        match &self.id_prefix {
-            Some(prefix) => HeaderValue::from(format!("{prefix}{id}")),
-            None => HeaderValue::from(id),
-        }
+        self.ids.qualified(id)
     }
 
     /// The row's body as best it can be read, for a dead letter: empty when it cannot be.
@@ -476,6 +442,86 @@ impl TableMapping {
                 row_index,
             },
             reason,
+        }
+    }
+}
+
+/// How a table's rows get their event ids.
+#[derive(Debug, Clone)]
+pub struct EventIds {
+    /// The event id's column, with its name.
+    column: Option<(usize, String)>,
+    /// `schema.table:`, put before every event id when the publication has more than one table,
+    /// so that two tables' ids cannot collide in JetStream's de-duplication.
+    prefix: Option<String>,
+}
+
+impl EventIds {
+    /// `column` (by default `id` when the table has it) of `relation`; with `qualify`, ids are
+    /// `schema.table:<id>`.
+    pub fn bind(
+        column: Option<&str>,
+        relation: &Relation,
+        qualify: bool,
+    ) -> Result<EventIds, MissingColumn> {
+        let column = match column {
+            Some(name) => Some((
+                relation.column_index(name).ok_or_else(|| MissingColumn {
+                    table: relation.qualified_name(),
+                    column: name.to_owned(),
+                    flag: "--id-column",
+                    available: relation
+                        .column_names()
+                        .into_iter()
+                        .map(String::from)
+                        .collect(),
+                })?,
+                name.to_owned(),
+            )),
+            None => relation.column_index("id").map(|i| (i, "id".to_owned())),
+        };
+        Ok(EventIds {
+            column,
+            prefix: qualify.then(|| format!("{}:", relation.qualified_name())),
+        })
+    }
+
+    /// The event id: the id column's text, or without one `<commit LSN>:<row index>` (the same
+    /// for every replay of the WAL); qualified by the table when the publication has several.
+    pub fn of(
+        &self,
+        tuple: &Tuple<'_>,
+        txn: &TransactionContext,
+        row_index: u32,
+    ) -> Result<HeaderValue, String> {
+        let id = match &self.column {
+            Some((index, name)) => match column(tuple, *index)? {
+                ColumnValue::Text(id) => std::str::from_utf8(id)
+                    .map_err(|_| format!("the id column `{name}` is not valid UTF-8"))?,
+                _ => return Err(format!("the id column `{name}` is NULL")),
+            },
+            None if txn.is_wal() => {
+                return Ok(self.qualified(&fallback_id(txn.commit_lsn, row_index)));
+            }
+            None => {
+                return Err(
+                    "the table has no id column, and ids made of the commit LSN cannot be made \
+                     again from the table: give --id-column"
+                        .into(),
+                );
+            }
+        };
+        let id = match &self.prefix {
+            Some(prefix) => HeaderValue::from_str(&format!("{prefix}{id}")),
+            None => HeaderValue::from_str(id),
+        };
+        id.map_err(|_| "the id is not a valid header value (it contains a line break)".into())
+    }
+
+    fn qualified(&self, id: &str) -> HeaderValue {
+        match &self.prefix {
+            Some(prefix) => HeaderValue::from(format!("{prefix}{id}")),
+            None => HeaderValue::from(id),
         }
     }
 }

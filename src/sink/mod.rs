@@ -38,6 +38,7 @@ pub use checkpoint::Checkpoint;
 pub use connect::{NatsAuth, NatsUrlError, NatsUrls, redact_nats_url};
 pub use error::SinkError;
 pub use fence::{Fence, StoredEvent, StreamEnd};
+pub use streams::{StoredHeaders, StreamStart, read_headers};
 
 /// Duplicate windows shorter than this warn at start: a restart or failover slower than the window
 /// would re-publish events JetStream no longer recognises.

@@ -4,6 +4,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
+use async_nats::HeaderMap;
 use async_nats::jetstream::{self, consumer, stream};
 
 use super::error::get_stream_error;
@@ -169,51 +170,101 @@ impl<T> JetStreamSink<T> {
         name: &str,
         since: Option<time::OffsetDateTime>,
     ) -> Result<HashSet<String>, SinkError> {
-        use futures::StreamExt;
-        let unavailable = |e: &dyn std::fmt::Display| {
-            SinkError::StreamUnavailable(format!("reading the ids in stream `{name}`: {e}"))
-        };
-        let mut stream = self
-            .context
-            .get_stream(name)
-            .await
-            .map_err(|e| get_stream_error(name, e))?;
-        let info = stream.info().await.map_err(|e| unavailable(&e))?;
+        let start = since.map_or(StreamStart::First, StreamStart::Time);
         let mut ids = HashSet::new();
-        if info.state.messages == 0 || since.is_some_and(|t| info.state.last_timestamp < t) {
-            return Ok(ids);
-        }
-        let consumer = stream
-            .create_consumer(consumer::pull::OrderedConfig {
-                headers_only: true,
-                deliver_policy: match since {
-                    Some(start_time) => consumer::DeliverPolicy::ByStartTime { start_time },
-                    None => consumer::DeliverPolicy::All,
-                },
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| unavailable(&e))?;
-        let mut messages = consumer.messages().await.map_err(|e| unavailable(&e))?;
-        loop {
-            let message = match tokio::time::timeout(Duration::from_secs(10), messages.next()).await
-            {
-                Ok(Some(Ok(message))) => message,
-                Ok(Some(Err(e))) => return Err(unavailable(&e)),
-                Ok(None) => break,
-                Err(_) => return Err(unavailable(&"no message within 10 s")),
-            };
-            if let Some(id) = message
-                .headers
-                .as_ref()
-                .and_then(|h| h.get(crate::event::header::MSG_ID))
-            {
+        read_headers(&self.context, name, start, |stored| {
+            if let Some(id) = stored.headers.get(crate::event::header::MSG_ID) {
                 ids.insert(id.as_str().to_owned());
             }
-            if message.info().map_or(true, |info| info.pending == 0) {
-                break;
-            }
-        }
+        })
+        .await?;
         Ok(ids)
     }
+}
+
+/// Where to start reading a stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamStart {
+    First,
+    Sequence(u64),
+    Time(time::OffsetDateTime),
+}
+
+/// A stored message's place, subject and headers (its body is not read).
+#[derive(Debug, Clone)]
+pub struct StoredHeaders {
+    pub sequence: u64,
+    pub subject: String,
+    pub headers: HeaderMap,
+}
+
+/// Reads stream `name` headers-only from `start` to its end, handing each message to `each`;
+/// returns how many it read.
+pub async fn read_headers(
+    context: &jetstream::Context,
+    name: &str,
+    start: StreamStart,
+    mut each: impl FnMut(StoredHeaders),
+) -> Result<u64, SinkError> {
+    use futures::StreamExt;
+    let unavailable = |e: &dyn std::fmt::Display| {
+        SinkError::StreamUnavailable(format!("reading stream `{name}`: {e}"))
+    };
+    let mut stream = context
+        .get_stream(name)
+        .await
+        .map_err(|e| get_stream_error(name, e))?;
+    let state = stream
+        .info()
+        .await
+        .map_err(|e| unavailable(&e))?
+        .state
+        .clone();
+    let nothing = state.messages == 0
+        || match start {
+            StreamStart::First => false,
+            StreamStart::Sequence(sequence) => state.last_sequence < sequence,
+            StreamStart::Time(time) => state.last_timestamp < time,
+        };
+    if nothing {
+        return Ok(0);
+    }
+    let consumer = stream
+        .create_consumer(consumer::pull::OrderedConfig {
+            headers_only: true,
+            deliver_policy: match start {
+                StreamStart::First => consumer::DeliverPolicy::All,
+                StreamStart::Sequence(start_sequence) => {
+                    consumer::DeliverPolicy::ByStartSequence { start_sequence }
+                }
+                StreamStart::Time(start_time) => {
+                    consumer::DeliverPolicy::ByStartTime { start_time }
+                }
+            },
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| unavailable(&e))?;
+    let mut messages = consumer.messages().await.map_err(|e| unavailable(&e))?;
+    let mut read = 0;
+    loop {
+        let message = match tokio::time::timeout(Duration::from_secs(10), messages.next()).await {
+            Ok(Some(Ok(message))) => message,
+            Ok(Some(Err(e))) => return Err(unavailable(&e)),
+            Ok(None) => break,
+            Err(_) => return Err(unavailable(&"no message within 10 s")),
+        };
+        let info = message.info().map_err(|e| unavailable(&e))?;
+        let (sequence, pending) = (info.stream_sequence, info.pending);
+        read += 1;
+        each(StoredHeaders {
+            sequence,
+            subject: message.subject.to_string(),
+            headers: message.headers.clone().unwrap_or_default(),
+        });
+        if pending == 0 {
+            break;
+        }
+    }
+    Ok(read)
 }

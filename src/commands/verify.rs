@@ -1,0 +1,480 @@
+//! `outbox-cdc verify`: audits a stream. Read headers-only from a start, its messages must have
+//! commit LSNs that never go backwards, a predecessor chain (`Nats-Expected-Last-Msg-Id`) without
+//! a break, and no event id twice; with `--database-url`, the stream and the table must hold the
+//! same events. Human output or `--json`; exit 1 on a finding, for cron or after an incident.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt::Write as _;
+
+use clap::Args;
+use serde::Serialize;
+
+use super::cli::ConfigError;
+use super::run::{NatsArgs, resolve_database_url};
+use crate::event::header;
+use crate::lsn::Lsn;
+use crate::pipeline::mapping::{EventIds, TransactionContext};
+use crate::pipeline::poison::HEADER_ERROR_KIND;
+use crate::sink::{SinkError, StoredHeaders, StreamStart, read_headers};
+use crate::source::pgoutput::{self, Message};
+use crate::source::{Catalog, PublicationName, SourceError, TableQuery, TableReader};
+
+#[derive(Debug, Clone, Args)]
+pub struct VerifyArgs {
+    /// The stream to audit.
+    #[arg(long, env = "OUTBOX_CDC_STREAM")]
+    pub stream: String,
+
+    #[command(flatten)]
+    pub nats: NatsArgs,
+
+    /// Start at this stream sequence.
+    #[arg(long, conflicts_with_all = ["since_time", "since_lsn"])]
+    pub since_sequence: Option<u64>,
+
+    /// Start at messages stored at or after this time (RFC 3339).
+    #[arg(long, conflicts_with = "since_lsn")]
+    pub since_time: Option<String>,
+
+    /// Start at the first event committed at or after this LSN (`X/Y`).
+    #[arg(long)]
+    pub since_lsn: Option<Lsn>,
+
+    /// Also check the stream against the outbox table(s) of the publication.
+    #[arg(long)]
+    pub database_url: Option<String>,
+
+    /// Publication of the outbox table (with --database-url).
+    #[arg(long, env = "OUTBOX_CDC_PUBLICATION", default_value = "outbox_pub")]
+    pub publication: PublicationName,
+
+    /// Column holding the event id (with --database-url).
+    #[arg(long, env = "OUTBOX_CDC_ID_COLUMN", default_value = "id")]
+    pub id_column: String,
+
+    /// Only the table rows this SQL condition selects (with --database-url); events the table
+    /// lacks are then not looked for.
+    #[arg(long = "where", value_name = "SQL")]
+    pub where_sql: Option<String>,
+
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Mapping(#[from] crate::pipeline::mapping::MissingColumn),
+    #[error("invalid --since-time `{0}`: expected RFC 3339, like 2026-12-03T10:00:00Z")]
+    SinceTime(String),
+    #[error("stream `{stream}`: {findings} finding(s), listed above")]
+    Findings { stream: String, findings: usize },
+}
+
+/// How many examples of each finding are shown.
+const EXAMPLES: usize = 10;
+
+/// What the audit found.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct Report {
+    pub stream: String,
+    pub messages: u64,
+    pub first_sequence: Option<u64>,
+    pub last_sequence: Option<u64>,
+    /// (sequence, its commit LSN, the newest commit LSN before it).
+    pub lsn_backwards: Vec<(u64, String, String)>,
+    pub lsn_backwards_count: usize,
+    /// (sequence, the predecessor it names, the message actually before it).
+    pub chain_breaks: Vec<(u64, String, String)>,
+    pub chain_breaks_count: usize,
+    /// Messages naming no predecessor (the stream's first, or published without fencing).
+    pub unchained: u64,
+    /// (sequence, id, the sequence that held it first).
+    pub duplicate_ids: Vec<(u64, String, u64)>,
+    pub duplicate_ids_count: usize,
+    /// With --database-url: table rows the stream lacks, and events the table lacks.
+    pub table_rows: Option<u64>,
+    pub rows_missing: Vec<String>,
+    pub rows_missing_count: usize,
+    pub events_missing_in_table: Vec<String>,
+    pub events_missing_in_table_count: usize,
+}
+
+impl Report {
+    pub fn findings(&self) -> usize {
+        self.lsn_backwards_count
+            + self.chain_breaks_count
+            + self.duplicate_ids_count
+            + self.rows_missing_count
+            + self.events_missing_in_table_count
+    }
+}
+
+/// The stream checks, message by message in stream order.
+#[derive(Default)]
+pub struct StreamAudit {
+    report: Report,
+    newest_lsn: Option<Lsn>,
+    previous_id: Option<String>,
+    seen: HashMap<String, u64>,
+    /// Event ids per `Outbox-Table`, for the table check.
+    pub events: HashMap<String, HashSet<String>>,
+    /// Checking starts at the first event committed at or after this.
+    since_lsn: Option<Lsn>,
+    started: bool,
+    /// The message before the first one read is not known (a later start): its predecessor
+    /// cannot be checked.
+    predecessor_unknown: bool,
+}
+
+fn note<T>(list: &mut Vec<T>, count: &mut usize, item: T) {
+    *count += 1;
+    if list.len() < EXAMPLES {
+        list.push(item);
+    }
+}
+
+impl StreamAudit {
+    /// `from_first`: reading starts at the stream's first message.
+    pub fn new(stream: &str, since_lsn: Option<Lsn>, from_first: bool) -> StreamAudit {
+        StreamAudit {
+            report: Report {
+                stream: stream.to_owned(),
+                ..Default::default()
+            },
+            since_lsn,
+            started: since_lsn.is_none(),
+            predecessor_unknown: !from_first,
+            ..Default::default()
+        }
+    }
+
+    pub fn check(&mut self, message: &StoredHeaders) {
+        let text = |name: &str| message.headers.get(name).map(|v| v.as_str().to_owned());
+        let id = text(header::MSG_ID);
+        if std::mem::take(&mut self.predecessor_unknown) {
+            self.previous_id = text("Nats-Expected-Last-Msg-Id");
+        }
+        let lsn: Option<Lsn> = text(header::COMMIT_LSN).and_then(|l| l.parse().ok());
+        if !self.started {
+            if lsn.is_some_and(|l| Some(l) >= self.since_lsn) {
+                self.started = true;
+            } else {
+                self.previous_id = id;
+                return;
+            }
+        }
+        let r = &mut self.report;
+        r.messages += 1;
+        r.first_sequence.get_or_insert(message.sequence);
+        r.last_sequence = Some(message.sequence);
+        if let Some(lsn) = lsn {
+            match self.newest_lsn {
+                Some(newest) if lsn < newest => note(
+                    &mut r.lsn_backwards,
+                    &mut r.lsn_backwards_count,
+                    (message.sequence, lsn.to_string(), newest.to_string()),
+                ),
+                _ => self.newest_lsn = Some(lsn),
+            }
+        }
+        match text("Nats-Expected-Last-Msg-Id") {
+            Some(expected) if self.previous_id.as_ref() != Some(&expected) => note(
+                &mut r.chain_breaks,
+                &mut r.chain_breaks_count,
+                (
+                    message.sequence,
+                    expected,
+                    self.previous_id.clone().unwrap_or_else(|| "-".to_owned()),
+                ),
+            ),
+            Some(_) => {}
+            None => r.unchained += 1,
+        }
+        if let Some(id) = &id {
+            match self.seen.get(id) {
+                Some(&first) => note(
+                    &mut r.duplicate_ids,
+                    &mut r.duplicate_ids_count,
+                    (message.sequence, id.clone(), first),
+                ),
+                None => {
+                    self.seen.insert(id.clone(), message.sequence);
+                }
+            }
+            // Events of a table (not dead letters), for the table check.
+            if let Some(table) = text(header::TABLE)
+                && message.headers.get(HEADER_ERROR_KIND).is_none()
+            {
+                self.events.entry(table).or_default().insert(id.clone());
+            }
+        }
+        self.previous_id = id;
+    }
+
+    pub fn finish(self) -> (Report, HashMap<String, HashSet<String>>) {
+        (self.report, self.events)
+    }
+}
+
+/// Audits the stream (and the table), prints the report; an error when something was found.
+pub async fn execute(args: VerifyArgs) -> Result<(), VerifyError> {
+    let (urls, auth) = args.nats.resolve()?;
+    let client = auth
+        .connect_options(&urls)
+        .await?
+        .connection_timeout(std::time::Duration::from_secs(5))
+        .connect(urls.addresses())
+        .await
+        .map_err(|e| SinkError::Connect {
+            target: urls.to_string(),
+            detail: e.to_string(),
+            transient: true,
+        })?;
+    let context = async_nats::jetstream::new(client);
+    let start = match (&args.since_sequence, &args.since_time) {
+        (Some(sequence), _) => StreamStart::Sequence(*sequence),
+        (None, Some(time)) => StreamStart::Time(
+            time::OffsetDateTime::parse(time, &time::format_description::well_known::Rfc3339)
+                .map_err(|_| VerifyError::SinceTime(time.clone()))?,
+        ),
+        (None, None) => StreamStart::First,
+    };
+    let mut audit = StreamAudit::new(&args.stream, args.since_lsn, start == StreamStart::First);
+    read_headers(&context, &args.stream, start, |message| {
+        audit.check(&message)
+    })
+    .await?;
+    let (mut report, events) = audit.finish();
+    if let Some(url) = &args.database_url {
+        check_table(&args, url, &events, &mut report).await?;
+    }
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).unwrap_or_default()
+        );
+    } else {
+        print!("{}", render(&report));
+    }
+    match report.findings() {
+        0 => Ok(()),
+        findings => Err(VerifyError::Findings {
+            stream: args.stream,
+            findings,
+        }),
+    }
+}
+
+/// Compares the table rows (mapped to their event ids as `run` maps them) with the events.
+async fn check_table(
+    args: &VerifyArgs,
+    url: &str,
+    events: &HashMap<String, HashSet<String>>,
+    report: &mut Report,
+) -> Result<(), VerifyError> {
+    let database = resolve_database_url(Some(url.to_owned()))?;
+    let catalog = Catalog::connect(&database).await?;
+    let tables = catalog.publication_tables(&args.publication).await?;
+    let qualify = tables.len() > 1;
+    let mut rows_total = 0;
+    for relation in &tables {
+        let ids = EventIds::bind(Some(&args.id_column), relation, qualify)?;
+        let query = TableQuery {
+            table: relation.clone(),
+            predicate: args.where_sql.clone().unwrap_or_else(|| "true".to_owned()),
+            order_by: vec![args.id_column.clone()],
+            snapshot: None,
+        };
+        let (mut reader, _) = TableReader::open(&catalog, &query, 10_000).await?;
+        let mut rows = HashSet::new();
+        loop {
+            let batch = reader.next_batch().await?;
+            if batch.is_empty() {
+                break;
+            }
+            for row in batch {
+                let values: Vec<Option<&[u8]>> = row
+                    .iter()
+                    .map(|v| v.as_deref().map(str::as_bytes))
+                    .collect();
+                let frame = bytes::Bytes::from(pgoutput::encode::insert(relation.id, &values));
+                let Ok(Message::Insert(insert)) = pgoutput::decode(&frame) else {
+                    continue;
+                };
+                if let Ok(id) = ids.of(&insert.tuple, &TransactionContext::backfill(), 0) {
+                    rows.insert(id.as_str().to_owned());
+                }
+            }
+        }
+        rows_total += rows.len() as u64;
+        let empty = HashSet::new();
+        let stored = events.get(&relation.qualified_name()).unwrap_or(&empty);
+        let mut missing: Vec<&String> = rows.iter().filter(|id| !stored.contains(*id)).collect();
+        missing.sort();
+        for id in missing {
+            note(
+                &mut report.rows_missing,
+                &mut report.rows_missing_count,
+                id.clone(),
+            );
+        }
+        if args.where_sql.is_none() {
+            let mut extra: Vec<&String> = stored.iter().filter(|id| !rows.contains(*id)).collect();
+            extra.sort();
+            for id in extra {
+                note(
+                    &mut report.events_missing_in_table,
+                    &mut report.events_missing_in_table_count,
+                    id.clone(),
+                );
+            }
+        }
+    }
+    report.table_rows = Some(rows_total);
+    Ok(())
+}
+
+pub fn render(r: &Report) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "stream {}: {} messages checked (sequences {}..{})",
+        r.stream,
+        r.messages,
+        r.first_sequence.map_or("-".into(), |s| s.to_string()),
+        r.last_sequence.map_or("-".into(), |s| s.to_string()),
+    );
+    let mut line = |ok: bool, text: String| {
+        let _ = writeln!(out, "  {}  {text}", if ok { "ok" } else { "!!" });
+    };
+    line(
+        r.lsn_backwards_count == 0,
+        match r.lsn_backwards_count {
+            0 => "commit LSNs never go backwards".into(),
+            n => format!(
+                "{n} events committed before an event stored ahead of them (sequence, LSN, newest before): {:?}",
+                r.lsn_backwards
+            ),
+        },
+    );
+    line(
+        r.chain_breaks_count == 0,
+        match r.chain_breaks_count {
+            0 => format!(
+                "every predecessor named is the message before ({} name none: the first, or unfenced)",
+                r.unchained
+            ),
+            n => format!(
+                "{n} breaks in the predecessor chain, a message lost or inserted (sequence, named, actual): {:?}",
+                r.chain_breaks
+            ),
+        },
+    );
+    line(
+        r.duplicate_ids_count == 0,
+        match r.duplicate_ids_count {
+            0 => "no event id twice".into(),
+            n => format!(
+                "{n} event ids stored twice (sequence, id, first sequence): {:?}",
+                r.duplicate_ids
+            ),
+        },
+    );
+    if let Some(rows) = r.table_rows {
+        line(
+            r.rows_missing_count == 0,
+            match r.rows_missing_count {
+                0 => format!("all {rows} table rows are in the stream"),
+                n => format!("{n} table rows the stream lacks: {:?}", r.rows_missing),
+            },
+        );
+        line(
+            r.events_missing_in_table_count == 0,
+            match r.events_missing_in_table_count {
+                0 => "no event the table lacks".into(),
+                n => format!(
+                    "{n} events the table lacks (deleted rows, or a history the database lost): {:?}",
+                    r.events_missing_in_table
+                ),
+            },
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(sequence: u64, id: &str, lsn: Option<&str>, expects: Option<&str>) -> StoredHeaders {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(header::MSG_ID, id);
+        headers.insert(header::TABLE, "public.outbox");
+        if let Some(lsn) = lsn {
+            headers.insert(header::COMMIT_LSN, lsn);
+        }
+        if let Some(expects) = expects {
+            headers.insert("Nats-Expected-Last-Msg-Id", expects);
+        }
+        StoredHeaders {
+            sequence,
+            subject: "outbox.order.created".into(),
+            headers,
+        }
+    }
+
+    #[test]
+    fn finds_reorders_breaks_and_duplicates_and_passes_a_clean_stream() {
+        let mut clean = StreamAudit::new("S", None, true);
+        for m in [
+            message(1, "a", Some("0/10"), None),
+            message(2, "b", Some("0/10"), Some("a")),
+            message(3, "c", Some("0/20"), Some("b")),
+        ] {
+            clean.check(&m);
+        }
+        let (report, events) = clean.finish();
+        assert_eq!(report.findings(), 0, "{report:?}");
+        assert_eq!(report.unchained, 1);
+        assert_eq!(events["public.outbox"].len(), 3);
+
+        let mut bad = StreamAudit::new("S", None, true);
+        for m in [
+            message(1, "a", Some("0/10"), None),
+            // b (0/15) was lost: c names it.
+            message(3, "c", Some("0/20"), Some("b")),
+            message(4, "d", Some("0/18"), Some("c")),
+            message(5, "a", Some("0/30"), Some("d")),
+        ] {
+            bad.check(&m);
+        }
+        let (report, _) = bad.finish();
+        assert_eq!(report.chain_breaks, [(3, "b".to_owned(), "a".to_owned())]);
+        assert_eq!(report.lsn_backwards_count, 1);
+        assert_eq!(report.duplicate_ids, [(5, "a".to_owned(), 1)]);
+        assert_eq!(report.findings(), 3);
+        let text = render(&report);
+        assert!(
+            text.contains("!!  1 breaks in the predecessor chain"),
+            "{text}"
+        );
+
+        let mut later = StreamAudit::new("S", Some(Lsn::new(0x20)), true);
+        for m in [
+            message(1, "a", Some("0/10"), None),
+            message(2, "b", Some("0/20"), Some("a")),
+        ] {
+            later.check(&m);
+        }
+        let (report, _) = later.finish();
+        assert_eq!((report.messages, report.findings()), (1, 0));
+    }
+}
