@@ -245,7 +245,7 @@ async fn an_unfinished_initial_backfill_begins_again() {
     let js = env.jetstream().await;
     // What a killed switch leaves: its mark in the checkpoint, and the slot it created.
     let (mut checkpoint, _) =
-        outbox_cdc::sink::Checkpoint::open(&js, &env.checkpoint_bucket(), "outbox_cdc")
+        outbox_cdc::sink::Checkpoint::open(&js, &env.checkpoint_bucket(), "outbox_cdc", 1)
             .await
             .expect("bucket");
     checkpoint

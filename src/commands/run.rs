@@ -349,6 +349,7 @@ impl RunArgs {
                 },
                 max_in_flight: self.max_in_flight as usize,
                 shutdown_timeout: self.shutdown_timeout,
+                status_interval: self.status_interval,
             },
             standby_retry: self.standby_retry,
             accept_gap: self.accept_gap,

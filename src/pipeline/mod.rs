@@ -55,6 +55,9 @@ pub struct PipelineSettings {
     pub on_error: ErrorPolicy,
     pub max_in_flight: usize,
     pub shutdown_timeout: Duration,
+    /// How often the confirmed position is reported (`--status-interval`): the checkpoint is
+    /// saved as often, as nothing past it is reported.
+    pub status_interval: Duration,
 }
 
 /// Everything `run` needs, checked.

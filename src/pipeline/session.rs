@@ -211,8 +211,13 @@ impl<'a> Session<'a> {
     /// dead-lettered in its place (`Restart`).
     async fn stream_events(&mut self, shutdown: &mut watch::Receiver<bool>) -> Result<Next, Error> {
         let window = self.settings.max_in_flight.max(1);
-        // Proves to /healthz that this loop still turns, busy or idle.
-        let mut heartbeat = tokio::time::interval(Duration::from_secs(1));
+        // Proves to /healthz that this loop still turns, busy or idle; saves the checkpoint as
+        // often as the position is reported, since nothing past it is.
+        let mut heartbeat = tokio::time::interval(
+            self.settings
+                .status_interval
+                .clamp(Duration::from_millis(10), Duration::from_secs(1)),
+        );
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
             if *shutdown.borrow() {
@@ -567,8 +572,8 @@ impl<'a> Session<'a> {
         Ok(Next::Restart)
     }
 
-    /// Once a second: proof of life for /healthz, the checkpoint, then what it and the replay
-    /// hold let PostgreSQL know.
+    /// Every status interval (at most a second): proof of life for /healthz, the checkpoint,
+    /// then what it and the replay hold let PostgreSQL know.
     async fn on_tick(&mut self) -> Result<(), Error> {
         self.stats.beat();
         self.save_progress().await?;

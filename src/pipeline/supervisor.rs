@@ -223,8 +223,13 @@ impl Supervisor<'_> {
         let mut sink = Sink::connect(&self.config.sink).await?;
         sink.prepare(&self.config.sink).await?;
         let bucket = &self.config.replay.checkpoint_bucket;
-        let (mut checkpoint, saved) =
-            Checkpoint::open(sink.context(), bucket, source.slot.as_str()).await?;
+        let (mut checkpoint, saved) = Checkpoint::open(
+            sink.context(),
+            bucket,
+            source.slot.as_str(),
+            sink.replicas(),
+        )
+        .await?;
         let mut record = saved
             .map(|value| ProgressRecord::decode(&value))
             .transpose()

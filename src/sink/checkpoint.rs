@@ -16,11 +16,13 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
-    /// Opens (creating if missing) the bucket; returns it with the saved value, if any.
+    /// Opens (creating if missing, with `replicas` copies in a cluster) the bucket; returns it
+    /// with the saved value, if any.
     pub async fn open(
         context: &jetstream::Context,
         bucket: &str,
         key: &str,
+        replicas: usize,
     ) -> Result<(Checkpoint, Option<Bytes>), SinkError> {
         let fail = |detail: String| SinkError::Checkpoint {
             bucket: bucket.to_owned(),
@@ -47,6 +49,7 @@ impl Checkpoint {
                         discard: stream::DiscardPolicy::New,
                         storage: stream::StorageType::File,
                         duplicate_window: Duration::from_secs(120),
+                        num_replicas: replicas.max(1),
                         ..Default::default()
                     })
                     .await

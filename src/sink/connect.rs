@@ -311,6 +311,7 @@ impl<T> JetStreamSink<T> {
             warned_unfenced: false,
             ack_timeout: config.ack_timeout,
             disconnected,
+            replicas: 1,
         })
     }
 }

@@ -91,6 +91,8 @@ pub struct JetStreamSink<T> {
     warned_unfenced: bool,
     ack_timeout: Duration,
     disconnected: watch::Receiver<bool>,
+    /// The most copies a stream of the account keeps (1 until the streams are read).
+    replicas: usize,
 }
 
 impl<T> JetStreamSink<T> {

@@ -97,7 +97,7 @@ impl<T> JetStreamSink<T> {
     /// fenced within the stream that captures them (subjects never overlap between streams),
     /// and what a stream holds already is not sent again. Streams created later are learnt by
     /// the next session; until then their subjects go out unfenced.
-    async fn read_fence(&self) -> Result<Fence, SinkError> {
+    async fn read_fence(&mut self) -> Result<Fence, SinkError> {
         use futures::TryStreamExt;
         let unavailable = |what: &str, e: &dyn std::fmt::Display| {
             SinkError::StreamUnavailable(format!("{what}: {e}"))
@@ -109,6 +109,11 @@ impl<T> JetStreamSink<T> {
                 &e,
             )
         })?;
+        self.replicas = infos
+            .iter()
+            .map(|info| info.config.num_replicas)
+            .max()
+            .unwrap_or(1);
         let mut streams = Vec::with_capacity(infos.len());
         for info in infos {
             let name = info.config.name;
@@ -148,6 +153,12 @@ impl<T> JetStreamSink<T> {
                 "reading the last message of stream `{name}`: {e}"
             ))),
         }
+    }
+
+    /// The most copies any stream of the account keeps: the checkpoint keeps as many, so that
+    /// a cluster that serves the outbox's streams serves it too.
+    pub fn replicas(&self) -> usize {
+        self.replicas
     }
 
     /// The newest outbox event any stream held when the session started (None with fencing
