@@ -55,8 +55,11 @@ lint: deps
 
 # The benchmarks in a size that fits CI, so they never rot (numbers too small to quote).
 bench-smoke: deps $(NATS_LATEST)
-	OUTBOX_CDC_E2E_BATCHED_ROWS=20000 OUTBOX_CDC_E2E_SINGLE_ROWS=5000 \
+	OUTBOX_CDC_E2E_BATCHED_ROWS=20000 OUTBOX_CDC_E2E_SINGLE_ROWS=5000 OUTBOX_CDC_E2E_MESSAGE_EVENTS=20000 \
 	OUTBOX_CDC_E2E_LIVE_RATES=500 OUTBOX_CDC_E2E_LIVE_SECS=3 cargo bench --bench e2e
+	OUTBOX_CDC_NATS_SERVER=$(CURDIR)/$(NATS_LATEST) OUTBOX_CDC_E2E_BATCHED_ROWS=20000 \
+	OUTBOX_CDC_E2E_SINGLE_ROWS=0 OUTBOX_CDC_E2E_MESSAGE_EVENTS=0 OUTBOX_CDC_E2E_ATOMIC_ROWS=20000 \
+	OUTBOX_CDC_E2E_LIVE_RATES= OUTBOX_CDC_E2E_REPORT=e2e-atomic.json cargo bench --bench e2e
 	cargo bench --bench hot_path -- --quick
 	OUTBOX_CDC_NATS_SERVER=$(CURDIR)/$(NATS_LATEST) OUTBOX_CDC_FB_MESSAGES=5000 \
 	OUTBOX_CDC_FB_ROUNDS=1 cargo bench --bench fast_batch
@@ -66,6 +69,9 @@ bench-smoke: deps $(NATS_LATEST)
 # probe of JetStream fast batch publishing on the newest nats-server (about a minute).
 bench: deps $(NATS_LATEST)
 	cargo bench --bench e2e
+	OUTBOX_CDC_NATS_SERVER=$(CURDIR)/$(NATS_LATEST) OUTBOX_CDC_E2E_SINGLE_ROWS=0 \
+	OUTBOX_CDC_E2E_MESSAGE_EVENTS=0 OUTBOX_CDC_E2E_LIVE_RATES= \
+	OUTBOX_CDC_E2E_REPORT=e2e-atomic.json cargo bench --bench e2e
 	cargo bench --bench hot_path
 	OUTBOX_CDC_NATS_SERVER=$(CURDIR)/$(NATS_LATEST) cargo bench --bench fast_batch
 

@@ -1,8 +1,10 @@
 //! End-to-end benchmark: outbox-cdc beside the machine's limits, on the same data, in one run.
 //!
 //! `cargo bench --bench e2e` prints one table and writes `target/bench/e2e.json`:
-//! - **catch-up**: a backlog written first (100-row transactions; then single-row transactions),
-//!   then `outbox-cdc run` started: rows/s from start to the last row stored in JetStream.
+//! - **catch-up**: a backlog written first (100-row transactions; single-row transactions;
+//!   100-event transactions of the table-less outbox, `outbox_emit` messages with no row; and
+//!   100-row transactions again, each published as one atomic batch), then `outbox-cdc run`
+//!   started: rows/s from start to the last row stored in JetStream.
 //!   Beside it, on the same WAL and messages: `pg_recvlogical` reading the same publication through
 //!   a pgoutput slot to /dev/null (the walsender's ceiling) and a raw publish loop of the very
 //!   messages outbox-cdc stored through outbox-cdc's own sink (the broker's ceiling on the same
@@ -18,10 +20,15 @@
 //! Sizes come from the environment, so CI can run a small version:
 //! - `OUTBOX_CDC_E2E_BATCHED_ROWS` (default 1000000): backlog in 100-row transactions;
 //! - `OUTBOX_CDC_E2E_SINGLE_ROWS` (default 200000): backlog in single-row transactions;
+//! - `OUTBOX_CDC_E2E_MESSAGE_EVENTS` (default 1000000): backlog of emitted messages, 100 per
+//!   transaction;
+//! - `OUTBOX_CDC_E2E_ATOMIC_ROWS` (default 1000000): backlog in 100-row transactions published
+//!   with `--atomic-transactions` (skipped on nats-server before 2.12);
 //! - `OUTBOX_CDC_E2E_LIVE_RATES` (default `1000,10000`): events/s of the live runs;
 //! - `OUTBOX_CDC_E2E_LIVE_SECS` (default 30): length of each live run;
 //! - `OUTBOX_CDC_E2E_PRODUCERS` (default 8): connections inserting during the live runs;
 //! - `OUTBOX_CDC_E2E_STORAGE` (default `file`): `memory` puts the stream in memory;
+//! - `OUTBOX_CDC_E2E_REPORT` (default `e2e.json`): the report's file name in `target/bench/`;
 //! - `OUTBOX_CDC_E2E_ARGS` (default empty): extra `outbox-cdc run` flags, e.g.
 //!   `--max-in-flight 1024`; the raw publish loop uses the same window.
 
@@ -46,6 +53,8 @@ use support::{Publisher, Received, TestEnv, env_or, unique};
 struct Settings {
     batched_rows: usize,
     single_rows: usize,
+    message_events: usize,
+    atomic_rows: usize,
     live_rates: Vec<u32>,
     live_secs: u64,
     producers: usize,
@@ -68,6 +77,8 @@ impl Settings {
         Settings {
             batched_rows: env_or("OUTBOX_CDC_E2E_BATCHED_ROWS", 1_000_000),
             single_rows: env_or("OUTBOX_CDC_E2E_SINGLE_ROWS", 200_000),
+            message_events: env_or("OUTBOX_CDC_E2E_MESSAGE_EVENTS", 1_000_000),
+            atomic_rows: env_or("OUTBOX_CDC_E2E_ATOMIC_ROWS", 1_000_000),
             live_rates: env_or("OUTBOX_CDC_E2E_LIVE_RATES", "1000,10000".to_owned())
                 .split(',')
                 .filter(|r| !r.trim().is_empty())
@@ -84,6 +95,23 @@ impl Settings {
         }
     }
 }
+
+/// Where a catch-up case's events come from.
+#[derive(Clone, Copy, PartialEq)]
+enum Outbox {
+    /// Rows inserted into the outbox table.
+    Table,
+    /// `outbox_emit(…)` messages (`pg_logical_emit_message`), no row.
+    Messages,
+    /// Rows, each transaction published as one atomic batch (`--atomic-transactions`).
+    Atomic,
+}
+
+/// The table-less outbox's backlog: `$2` messages in one transaction, as writer `$1`.
+const EMIT_EVENTS: &str = "SELECT count(outbox_emit('order', $1 || '-' || g, 'created',
+                              jsonb_build_object('writer', $1::text, 'n', g),
+                              jsonb_build_object('writer', $1::text)))
+       FROM generate_series(1, $2::int) g";
 
 /// `outbox-cdc run`'s default `--max-in-flight`.
 const DEFAULT_WINDOW: usize = 4096;
@@ -172,12 +200,47 @@ async fn main() {
     );
 
     let mut catch_up = Vec::new();
-    for (case, rows, per_txn) in [
-        ("100-row transactions", settings.batched_rows, 100),
-        ("single-row transactions", settings.single_rows, 1),
-    ] {
+    sql.batch_execute(outbox_cdc::commands::setup::OUTBOX_EMIT_SQL)
+        .await
+        .expect("create outbox_emit");
+    let atomic_batches = env
+        .jetstream()
+        .await
+        .client()
+        .is_server_compatible(2, 12, 0);
+    let cases = [
+        (
+            "100-row transactions",
+            Outbox::Table,
+            settings.batched_rows,
+            100,
+        ),
+        (
+            "single-row transactions",
+            Outbox::Table,
+            settings.single_rows,
+            1,
+        ),
+        (
+            "100-message transactions",
+            Outbox::Messages,
+            settings.message_events,
+            100,
+        ),
+        (
+            "100-row transactions, atomic",
+            Outbox::Atomic,
+            settings.atomic_rows,
+            100,
+        ),
+    ];
+    for (case, outbox, rows, per_txn) in cases {
+        if outbox == Outbox::Atomic && !atomic_batches {
+            println!("catch-up, {case}: skipped (atomic batches need nats-server 2.12+)");
+            continue;
+        }
         if rows > 0 {
-            catch_up.push(run_catch_up(&env, &settings, case, rows, per_txn).await);
+            catch_up.push(run_catch_up(&env, &settings, case, outbox, rows, per_txn).await);
         }
     }
     let mut live = Vec::new();
@@ -196,7 +259,7 @@ async fn main() {
     )
     .join("bench");
     std::fs::create_dir_all(&dir).expect("create target/bench");
-    let path = dir.join("e2e.json");
+    let path = dir.join(env_or("OUTBOX_CDC_E2E_REPORT", "e2e.json".to_owned()));
     std::fs::write(
         &path,
         serde_json::to_string_pretty(&report).expect("report as JSON"),
@@ -209,6 +272,7 @@ async fn run_catch_up(
     env: &TestEnv,
     settings: &Settings,
     case: &str,
+    outbox: Outbox,
     rows: usize,
     per_txn: usize,
 ) -> CatchUp {
@@ -231,11 +295,27 @@ async fn run_catch_up(
     {
         // Its own connection, closed after writing: a backend flushes its statistics on exit.
         let writer = env.sql().await;
-        support::write_events(&writer, "bench", rows, per_txn).await;
+        match outbox {
+            Outbox::Table | Outbox::Atomic => {
+                support::write_events(&writer, "bench", rows, per_txn).await
+            }
+            Outbox::Messages => {
+                for start in (0..rows).step_by(per_txn) {
+                    let n = per_txn.min(rows - start) as i32;
+                    writer
+                        .execute(EMIT_EVENTS, &[&format!("bench{start}"), &n])
+                        .await
+                        .expect("emit events");
+                }
+            }
+        }
     }
     let end_lsn = wal_lsn(&sql).await;
     let insert_wal_bytes_per_event = (end_lsn - before_insert) as f64 / rows as f64;
-    let committed = oracle.rows(env).await;
+    let committed = match outbox {
+        Outbox::Table | Outbox::Atomic => oracle.rows(env).await,
+        Outbox::Messages => oracle.rows_and_messages(env, "outbox").await,
+    };
     assert_eq!(committed.len(), rows, "the oracle sees every written row");
 
     let machine_before = MachineBusy::start();
@@ -243,7 +323,8 @@ async fn run_catch_up(
     let status = Command::new(find_postgres_binary("pg_recvlogical").expect("pg_recvlogical"))
         .args(["-d", &env.database_url, "-S", &recvlogical_slot])
         .args(["--start", "--no-loop", "-o", "proto_version=1"])
-        .args(["-o", "publication_names=outbox_pub", "-f", "/dev/null"])
+        .args(["-o", "publication_names=outbox_pub", "-o", "messages=true"])
+        .args(["-f", "/dev/null"])
         .args(["-E", &format_lsn(end_lsn)])
         .stdout(Stdio::null())
         .status()
@@ -260,6 +341,11 @@ async fn run_catch_up(
     let writes_before = row_writes(&sql).await;
     let wal_before = wal_lsn(&sql).await;
     let mut args = vec!["--slot", &slot, "--no-create-slot"];
+    match outbox {
+        Outbox::Messages => args.extend(["--message-prefix", "outbox", "--id-column", "id"]),
+        Outbox::Atomic => args.push("--atomic-transactions"),
+        Outbox::Table => {}
+    }
     args.extend(settings.extra_args.iter().map(String::as_str));
     let nats_cpu_before = env.nats_pid().and_then(support::cpu_seconds);
     let machine_before = MachineBusy::start();
@@ -342,8 +428,12 @@ async fn raw_publish(nats_url: &str, messages: &[Received], settings: &Settings)
         .map(|m| {
             let mut headers = HeaderMap::new();
             for (name, value) in &m.headers {
-                // The sink names each publish's predecessor itself.
-                if name != "Nats-Expected-Last-Msg-Id" {
+                // The sink names each publish's predecessor itself, and publishes one by one
+                // (stored messages of atomic batches keep their batch headers).
+                if name != "Nats-Expected-Last-Msg-Id"
+                    && name != "Nats-Expected-Last-Sequence"
+                    && !name.starts_with("Nats-Batch-")
+                {
                     headers.append(name.as_str(), value.as_str());
                 }
             }
@@ -374,6 +464,7 @@ async fn raw_publish(nats_url: &str, messages: &[Received], settings: &Settings)
         ack_timeout: Duration::from_secs(10),
         max_in_flight: settings.window,
         fencing: !settings.extra_args.iter().any(|a| a == "--no-fencing"),
+        atomic: false,
     };
     let window = settings.window;
     let publish_all = move || {
@@ -593,7 +684,8 @@ fn print_report(report: &Report) {
         );
     }
     println!("(rows/s; WAL B/ev = the inserts' own WAL per event; +WAL and +writes = what the");
-    println!(" database wrote per event while outbox-cdc published the backlog)");
+    println!(" database wrote per event while outbox-cdc published the backlog; messages = the");
+    println!(" table-less outbox: outbox_emit() in the transaction, no row)");
     for c in &report.catch_up {
         println!(
             "{}: CPU while outbox-cdc ran: machine {:.0} % busy; outbox-cdc {:.1} s, nats-server {:.1} s, walsender {:.1} s (pg_recvlogical's run: machine {:.0} % busy)",
@@ -675,13 +767,25 @@ fn print_slow_windows(received: &[(String, i64, i64)], commit_times: &HashMap<St
 }
 
 /// The test's stream, on file storage unless `OUTBOX_CDC_E2E_STORAGE=memory`.
+/// The benchmark's stream, taking atomic batches where the server can.
 async fn create_stream(env: &TestEnv) -> jetstream::stream::Stream {
     let storage = match env_or("OUTBOX_CDC_E2E_STORAGE", "file".to_owned()).as_str() {
         "memory" => jetstream::stream::StorageType::Memory,
         "file" => jetstream::stream::StorageType::File,
         other => panic!("OUTBOX_CDC_E2E_STORAGE={other:?}: file or memory"),
     };
-    env.create_stream_on(storage).await
+    let js = env.jetstream().await;
+    let allow_atomic_publish = js.client().is_server_compatible(2, 12, 0);
+    js.create_stream(jetstream::stream::Config {
+        name: env.stream.clone(),
+        subjects: vec![format!("{}.>", env.subject_prefix)],
+        duplicate_window: Duration::from_secs(600),
+        storage,
+        allow_atomic_publish,
+        ..Default::default()
+    })
+    .await
+    .expect("create stream")
 }
 
 /// `outbox-cdc run` with the harness's connection flags and otherwise its own defaults (the

@@ -156,6 +156,8 @@ fn fence() -> Fence {
         name: name.to_owned(),
         subjects: vec![subject.to_owned()],
         last,
+        last_sequence: 1000,
+        allow_atomic: false,
     };
     Fence::new([
         stream("KV_outbox_cdc", "$KV.outbox_cdc.>", None),

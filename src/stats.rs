@@ -55,15 +55,18 @@ pub enum SkipReason {
     Other,
     /// An insert of a transaction that committed before `--start-lsn` or the checkpoint.
     BeforeStartLsn,
+    /// A message with a `--message-prefix` emitted outside a transaction.
+    NonTransactionalMessage,
 }
 
 impl SkipReason {
-    const ALL: [SkipReason; 5] = [
+    const ALL: [SkipReason; 6] = [
         SkipReason::Update,
         SkipReason::Delete,
         SkipReason::Truncate,
         SkipReason::Other,
         SkipReason::BeforeStartLsn,
+        SkipReason::NonTransactionalMessage,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -73,6 +76,7 @@ impl SkipReason {
             SkipReason::Truncate => "truncate",
             SkipReason::Other => "other",
             SkipReason::BeforeStartLsn => "before_start_lsn",
+            SkipReason::NonTransactionalMessage => "non_transactional_message",
         }
     }
 }
@@ -97,6 +101,9 @@ pub struct Stats {
     pub duplicates: Counter,
     /// Events read again after a restart that their stream held already: not sent again.
     pub already_stored: Counter,
+    /// Transactions published as one atomic batch (`--atomic-transactions`).
+    pub atomic_batches: Counter,
+    atomic_fallbacks: Family<Label, Counter>,
     pub transactions: Counter,
     pub reconnects: Counter,
     publish_errors: Family<Label, Counter>,
@@ -122,6 +129,8 @@ impl Default for Stats {
             published: Counter::default(),
             duplicates: Counter::default(),
             already_stored: Counter::default(),
+            atomic_batches: Counter::default(),
+            atomic_fallbacks: Family::default(),
             transactions: Counter::default(),
             reconnects: Counter::default(),
             publish_errors: Family::default(),
@@ -160,6 +169,16 @@ impl Stats {
             "events_already_stored",
             "Events read again after a restart that their stream held already, not sent again",
             self.already_stored.clone(),
+        );
+        r.register(
+            "atomic_batches",
+            "Transactions published as one atomic JetStream batch (--atomic-transactions)",
+            self.atomic_batches.clone(),
+        );
+        r.register(
+            "atomic_fallbacks",
+            "Transactions of several events published event by event under --atomic-transactions, by reason",
+            self.atomic_fallbacks.clone(),
         );
         r.register(
             "transactions",
@@ -255,6 +274,13 @@ impl Stats {
     pub fn poison_row(&self, kind: &'static str, action: &'static str) {
         self.poison_rows
             .get_or_create(&[("kind", kind), ("action", action)])
+            .inc();
+    }
+
+    /// A transaction published event by event under `--atomic-transactions`, and why.
+    pub fn atomic_fallback(&self, reason: &'static str) {
+        self.atomic_fallbacks
+            .get_or_create(&[("reason", reason)])
             .inc();
     }
 

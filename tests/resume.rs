@@ -9,7 +9,7 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::stream;
-use support::faults::{Chaos, Sampler, Workload, verdict};
+use support::faults::{Chaos, Sampler, Workload, stored_after_clean_stop, verdict};
 use support::*;
 
 const SLOT: &str = "outbox_cdc";
@@ -51,20 +51,8 @@ async fn kill_9_three_times_with_restarts_slower_than_a_3s_duplicate_window() {
     }
     writers.finish(false).await;
     let committed = oracle.rows(&env).await;
-    wait_for_messages(
-        &js,
-        &env.stream,
-        committed.len() as u64,
-        Duration::from_secs(180),
-        || publisher.log(),
-    )
-    .await;
-    wait_for_metric(&publisher, "outbox_cdc_in_flight", 0.0).await;
-    let text = metrics_of(&publisher).await;
+    let (stream, text) = stored_after_clean_stop(&env, &mut publisher, committed.len()).await;
     already_stored += metric(&text, "outbox_cdc_events_already_stored_total").unwrap_or(0.0);
-    let status = publisher.terminate(Duration::from_secs(30)).await;
-    assert!(status.success(), "{}", publisher.log());
-    let stream = read_stream(&js, &env.stream).await;
     let samples = sampler.finish().await;
     println!("RESUME events read again and not re-sent: {already_stored}");
     verdict(

@@ -358,6 +358,13 @@ pub enum ConfigError {
         None => String::new(),
     })]
     DeadLetterSubject(Option<(String, String)>),
+    #[error(
+        "--atomic-transactions needs fencing (it learns each batch's stream, and the sequence \
+         the batch must follow, from it): drop --no-fencing"
+    )]
+    AtomicWithoutFencing,
+    #[error("--message-prefix `{0}`: {1}")]
+    MessagePrefix(String, &'static str),
     #[error("--replication-timeout must be at least 1s")]
     ReplicationTimeout,
     #[error("--status-interval must be at least 10ms")]

@@ -94,6 +94,13 @@ pub struct RunArgs {
     #[arg(long, env = "OUTBOX_CDC_ON_ERROR", value_enum, default_value_t = OnError::Fail)]
     pub on_error: OnError,
 
+    /// Publish transactional logical decoding messages with this prefix
+    /// (`pg_logical_emit_message(true, 'PREFIX', '<JSON object>')`) like outbox rows, in their
+    /// place in commit order: a table-less outbox. Repeatable.
+    #[arg(long, env = "OUTBOX_CDC_MESSAGE_PREFIX", value_name = "PREFIX", value_delimiter = ',',
+          action = clap::ArgAction::Append)]
+    pub message_prefix: Vec<String>,
+
     /// Subject for dead letters (required with --on-error dead-letter).
     #[arg(long, env = "OUTBOX_CDC_DEAD_LETTER_SUBJECT")]
     pub dead_letter_subject: Option<String>,
@@ -109,6 +116,18 @@ pub struct RunArgs {
     /// outbox-cdc alone. Turn it off for streams other publishers write into.
     #[arg(long, env = "OUTBOX_CDC_NO_FENCING")]
     pub no_fencing: bool,
+
+    /// Publish each transaction's events as one atomic JetStream batch: stored whole or not at
+    /// all, so consumers never see part of a transaction (nats-server 2.12+, streams with
+    /// `allow_atomic`). A transaction over --atomic-max-batch events, or whose events go to
+    /// several streams, goes out event by event, with a warning and a metric.
+    #[arg(long, env = "OUTBOX_CDC_ATOMIC_TRANSACTIONS")]
+    pub atomic_transactions: bool,
+
+    /// The most events an atomic batch holds: the server's `max_batch_size` (default 1000).
+    #[arg(long, env = "OUTBOX_CDC_ATOMIC_MAX_BATCH", default_value_t = 1000,
+          value_parser = clap::value_parser!(u32).range(2..))]
+    pub atomic_max_batch: u32,
 
     /// Create this JetStream stream, capturing the template's subjects, when it does not exist.
     /// Without it, streams are yours to create.
@@ -285,6 +304,17 @@ impl RunArgs {
         if self.replication_timeout < Duration::from_secs(1) {
             return Err(ConfigError::ReplicationTimeout);
         }
+        if self.atomic_transactions && self.no_fencing {
+            return Err(ConfigError::AtomicWithoutFencing);
+        }
+        for (i, prefix) in self.message_prefix.iter().enumerate() {
+            if prefix.is_empty() {
+                return Err(ConfigError::MessagePrefix(prefix.clone(), "is empty"));
+            }
+            if self.message_prefix[..i].contains(prefix) {
+                return Err(ConfigError::MessagePrefix(prefix.clone(), "is given twice"));
+            }
+        }
         let subject_template = match (self.subject_template, &self.subject_column) {
             (Some(template), _) => Some(template),
             (None, Some(_)) => None,
@@ -336,6 +366,7 @@ impl RunArgs {
                 ack_timeout: self.ack_timeout,
                 max_in_flight: self.max_in_flight as usize,
                 fencing: !self.no_fencing,
+                atomic: self.atomic_transactions,
             },
             pipeline: PipelineSettings {
                 on_error,
@@ -350,6 +381,10 @@ impl RunArgs {
                 max_in_flight: self.max_in_flight as usize,
                 shutdown_timeout: self.shutdown_timeout,
                 status_interval: self.status_interval,
+                message_prefixes: self.message_prefix,
+                atomic_max_batch: self
+                    .atomic_transactions
+                    .then_some(self.atomic_max_batch as usize),
             },
             standby_retry: self.standby_retry,
             accept_gap: self.accept_gap,

@@ -10,6 +10,8 @@ use crate::source::{Catalog, PublicationName, SlotName, SourceError};
 
 /// The recommended table and publication, as shipped in `sql/outbox.sql`.
 pub const OUTBOX_SQL: &str = include_str!("../../sql/outbox.sql");
+/// `outbox_emit(…)`, the table-less outbox's writer: `pg_logical_emit_message(true, 'outbox', …)`.
+pub const OUTBOX_EMIT_SQL: &str = include_str!("../../sql/outbox_emit.sql");
 
 /// What `setup` and `status` can fail with.
 #[derive(Debug, thiserror::Error)]

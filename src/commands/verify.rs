@@ -132,6 +132,8 @@ pub struct StreamAudit {
     /// The message before the first one read is not known (a later start): its predecessor
     /// cannot be checked.
     predecessor_unknown: bool,
+    /// The previous message's atomic batch id and place in it.
+    previous_batch: Option<(String, u64)>,
 }
 
 fn note<T>(list: &mut Vec<T>, count: &mut usize, item: T) {
@@ -161,6 +163,12 @@ impl StreamAudit {
         let id = text(header::MSG_ID);
         if std::mem::take(&mut self.predecessor_unknown) {
             self.previous_id = text("Nats-Expected-Last-Msg-Id");
+            // Mid-batch, the batch's previous message is not known either: taken as read.
+            self.previous_batch = text("Nats-Batch-Id").zip(
+                text("Nats-Batch-Sequence")
+                    .and_then(|s| s.parse::<u64>().ok())
+                    .map(|n| n.saturating_sub(1)),
+            );
         }
         let lsn: Option<Lsn> = text(header::COMMIT_LSN).and_then(|l| l.parse().ok());
         if !self.started {
@@ -185,8 +193,26 @@ impl StreamAudit {
                 _ => self.newest_lsn = Some(lsn),
             }
         }
-        match text("Nats-Expected-Last-Msg-Id") {
-            Some(expected) if self.previous_id.as_ref() != Some(&expected) => note(
+        // An atomic batch (--atomic-transactions) names its predecessor by stream sequence on
+        // its first message; its other messages follow the one before in the same batch.
+        let batch = text("Nats-Batch-Id")
+            .zip(text("Nats-Batch-Sequence").and_then(|s| s.parse::<u64>().ok()));
+        let previous_batch = std::mem::replace(&mut self.previous_batch, batch.clone());
+        let in_batch = match (&batch, &previous_batch) {
+            (Some((id, n)), Some((previous, m))) if *n > 1 => Some((
+                id == previous && *n == m + 1,
+                format!("batch {id} message {}", n - 1),
+            )),
+            (Some((id, n)), _) if *n > 1 => Some((false, format!("batch {id} message {}", n - 1))),
+            _ => None,
+        };
+        let expected_sequence = text("Nats-Expected-Last-Sequence");
+        match (
+            text("Nats-Expected-Last-Msg-Id"),
+            expected_sequence,
+            in_batch,
+        ) {
+            (Some(expected), _, _) if self.previous_id.as_ref() != Some(&expected) => note(
                 &mut r.chain_breaks,
                 &mut r.chain_breaks_count,
                 (
@@ -195,8 +221,32 @@ impl StreamAudit {
                     self.previous_id.clone().unwrap_or_else(|| "-".to_owned()),
                 ),
             ),
-            Some(_) => {}
-            None => r.unchained += 1,
+            (Some(_), _, _) => {}
+            (None, Some(expected), _)
+                if expected.parse::<u64>().ok() != message.sequence.checked_sub(1) =>
+            {
+                note(
+                    &mut r.chain_breaks,
+                    &mut r.chain_breaks_count,
+                    (
+                        message.sequence,
+                        format!("sequence {expected}"),
+                        format!("sequence {}", message.sequence.saturating_sub(1)),
+                    ),
+                )
+            }
+            (None, Some(_), _) => {}
+            (None, None, Some((true, _))) => {}
+            (None, None, Some((false, expected))) => note(
+                &mut r.chain_breaks,
+                &mut r.chain_breaks_count,
+                (
+                    message.sequence,
+                    expected,
+                    self.previous_id.clone().unwrap_or_else(|| "-".to_owned()),
+                ),
+            ),
+            (None, None, None) => r.unchained += 1,
         }
         if let Some(id) = &id {
             match self.seen.get(id) {
@@ -465,6 +515,40 @@ mod tests {
         assert!(
             text.contains("!!  1 breaks in the predecessor chain"),
             "{text}"
+        );
+
+        // Atomic batches: the first names the sequence before it, the others follow it.
+        let batch = |sequence: u64, id: &str, batch: &str, n: u64, expects: Option<u64>| {
+            let mut m = message(sequence, id, Some("0/40"), None);
+            m.headers.insert("Nats-Batch-Id", batch);
+            m.headers
+                .insert("Nats-Batch-Sequence", n.to_string().as_str());
+            if let Some(expects) = expects {
+                m.headers
+                    .insert("Nats-Expected-Last-Sequence", expects.to_string().as_str());
+            }
+            m
+        };
+        let mut batches = StreamAudit::new("S", None, true);
+        for m in [
+            message(1, "a", Some("0/10"), None),
+            batch(2, "b", "x-1", 1, Some(1)),
+            batch(3, "c", "x-1", 2, None),
+            batch(4, "d", "x-2", 1, Some(3)),
+            // x-2's second message is missing; x-3 expected sequence 5.
+            batch(5, "e", "x-2", 3, None),
+            batch(6, "f", "x-3", 1, Some(4)),
+        ] {
+            batches.check(&m);
+        }
+        let (report, _) = batches.finish();
+        assert_eq!(report.unchained, 1, "{report:?}");
+        assert_eq!(
+            report.chain_breaks,
+            [
+                (5, "batch x-2 message 2".to_owned(), "d".to_owned()),
+                (6, "sequence 4".to_owned(), "sequence 5".to_owned()),
+            ]
         );
 
         let mut later = StreamAudit::new("S", Some(Lsn::new(0x20)), true);

@@ -419,6 +419,17 @@ impl TableMapping {
             .collect()
     }
 
+    /// A row that is unmappable before its columns can be read (for a message whose content
+    /// is not a JSON object): its id is the fallback one.
+    pub fn unreadable(
+        &self,
+        txn: &TransactionContext,
+        row_index: u32,
+        reason: String,
+    ) -> UnmappableRow {
+        self.unmappable(txn, row_index, None, None, reason)
+    }
+
     fn unmappable(
         &self,
         txn: &TransactionContext,

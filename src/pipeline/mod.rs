@@ -23,10 +23,12 @@
 //! - A row is published as itself, as its dead letter in its place, or the process stops: it is
 //!   never skipped.
 
+mod atomic;
 pub mod backfill;
 mod continuity;
 mod error;
 pub mod mapping;
+pub mod messages;
 pub mod poison;
 mod progress;
 mod replay;
@@ -58,6 +60,10 @@ pub struct PipelineSettings {
     /// How often the confirmed position is reported (`--status-interval`): the checkpoint is
     /// saved as often, as nothing past it is reported.
     pub status_interval: Duration,
+    /// Logical decoding messages with these prefixes are events (see [`messages`]).
+    pub message_prefixes: Vec<String>,
+    /// With `--atomic-transactions`, the most events one atomic batch holds.
+    pub atomic_max_batch: Option<usize>,
 }
 
 /// Everything `run` needs, checked.

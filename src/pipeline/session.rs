@@ -8,8 +8,10 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::PipelineSettings;
+use super::atomic::{self, Fallback, Held, OpenBatch};
 use super::error::{Disposition, Error};
 use super::mapping::{TableMapping, TransactionContext};
+use super::messages::MessageMapping;
 use super::poison::{ErrorPolicy, PoisonKind, PoisonRow, RefusedRows};
 use super::progress::Progress;
 use super::replay::ReplayHold;
@@ -17,7 +19,8 @@ use super::watermark::Watermark;
 use crate::event::{EventRef, OutboxEvent};
 use crate::lsn::Lsn;
 use crate::sink::{
-    AckError, AckOutcome, ConnectionLost, JetStreamSink, Published, Sent, SinkError,
+    AckError, AckOutcome, BatchEvent, ConnectionLost, JetStreamSink, MAX_BATCHES_IN_FLIGHT,
+    Published, Sent, SinkError,
 };
 use crate::source::pgoutput::{self, Insert, Message, SkippedKind};
 use crate::source::{ReplicationStream, SourceError, WalEvent};
@@ -30,6 +33,10 @@ pub struct InFlight {
     /// Set on a dead letter, with why its row became one: a dead letter that cannot be published
     /// has nothing left to fall back to.
     dead_letter: Option<PoisonKind>,
+    /// Sent in an atomic batch: refused, its whole transaction goes out event by event next.
+    batched: bool,
+    /// The last event of an atomic batch: its ack counts the batch.
+    ends_batch: bool,
 }
 
 /// The sink as a session uses it.
@@ -55,6 +62,9 @@ pub struct Carryover {
     /// every session would be fenced on a re-sent duplicate and be refused again, forever,
     /// behind a message another publisher stored.
     pub unfence: Option<(Lsn, String)>,
+    /// Commit LSNs of transactions JetStream refused as an atomic batch: the next session
+    /// publishes them event by event (see [`super::atomic`]).
+    refused_batches: HashSet<Lsn>,
     /// Commit LSN of the newest transaction counted in the metrics: one read again by a later
     /// session is not counted again.
     counted_through: Lsn,
@@ -66,6 +76,7 @@ impl Carryover {
             hold,
             refused: RefusedRows::default(),
             unfence: None,
+            refused_batches: HashSet::new(),
             counted_through: Lsn::ZERO,
         }
     }
@@ -112,6 +123,8 @@ pub struct SessionStart {
     pub tables: HashSet<String>,
     /// The publication has more than one table: event ids are qualified by it.
     pub qualify_ids: bool,
+    /// `--message-prefix`es, bound.
+    pub messages: Vec<MessageMapping>,
 }
 
 /// One replication session: runs until shutdown or the first error.
@@ -127,6 +140,9 @@ pub struct Session<'a> {
     skip_before: Lsn,
     tables_at_start: HashSet<String>,
     qualify_ids: bool,
+    messages: Vec<MessageMapping>,
+    /// A non-transactional message with one of our prefixes was warned about.
+    warned_non_transactional: bool,
     /// The open transaction committed before `skip_before`.
     skipping: bool,
     tables: HashMap<u32, TableMapping>,
@@ -137,6 +153,8 @@ pub struct Session<'a> {
     /// The newest acked commit LSN last logged, and when: logged periodically so an operator
     /// can save it for `--start-lsn`.
     logged_commit: Option<(Instant, Lsn)>,
+    /// With `--atomic-transactions`, the open transaction's events held for its batch.
+    batch: Option<OpenBatch<Outgoing>>,
 }
 
 /// How often the newest acked commit LSN is logged while it moves.
@@ -164,12 +182,15 @@ impl<'a> Session<'a> {
             skip_before: start.skip_before,
             tables_at_start: start.tables,
             qualify_ids: start.qualify_ids,
+            messages: start.messages,
+            warned_non_transactional: false,
             skipping: false,
             tables: HashMap::new(),
             transaction: None,
             skipped: SkippedChanges::default(),
             row_index: 0,
             logged_commit: None,
+            batch: settings.atomic_max_batch.map(OpenBatch::new),
         }
     }
 
@@ -234,7 +255,8 @@ impl<'a> Session<'a> {
                     self.on_tick().await?;
                     Next::Continue
                 }
-                event = self.stream.next(), if self.sink.in_flight() < window => {
+                event = self.stream.next(), if self.sink.in_flight() < window
+                    && self.sink.batches_in_flight() < MAX_BATCHES_IN_FLIGHT => {
                     self.on_event(event?).await?
                 }
             };
@@ -277,9 +299,27 @@ impl<'a> Session<'a> {
                 self.transaction = Some(TransactionContext::new(commit_lsn, commit_time_micros));
                 self.skipped = SkippedChanges::default();
                 self.row_index = 0;
+                if let Some(batch) = &mut self.batch {
+                    let refused = self.carry.refused_batches.contains(&commit_lsn);
+                    batch.begin(refused.then_some(Fallback::Refused));
+                }
             }
             WalEvent::Data(frame) => return self.on_message(frame).await,
-            WalEvent::Commit { end_lsn } => self.on_commit(end_lsn),
+            WalEvent::Commit { end_lsn } => {
+                if self.publish_batch().await? == Next::Restart {
+                    return Ok(Next::Restart);
+                }
+                self.on_commit(end_lsn);
+            }
+            WalEvent::Message {
+                transactional,
+                prefix,
+                content,
+            } => {
+                return self
+                    .on_logical_message(transactional, &prefix, content)
+                    .await;
+            }
             WalEvent::Keepalive { wal_end } => {
                 self.stats.server_wal_end.set(wal_end.as_u64());
                 if self.watermark.keepalive(wal_end) {
@@ -354,11 +394,23 @@ impl<'a> Session<'a> {
         }
         let row_index = self.row_index;
         self.row_index += 1;
-        let commit_time = txn.commit_time;
-        let outgoing = match mapping.map(&insert.tuple, frame, txn, row_index) {
+        let outgoing = self.outgoing(mapping, &insert, frame, txn, row_index)?;
+        self.publish(outgoing).await
+    }
+
+    /// A row mapped (or its dead letter made) for publishing.
+    fn outgoing(
+        &self,
+        mapping: &TableMapping,
+        insert: &Insert<'_>,
+        frame: &Bytes,
+        txn: &TransactionContext,
+        row_index: u32,
+    ) -> Result<Outgoing, Error> {
+        match mapping.map(&insert.tuple, frame, txn, row_index) {
             Ok(message) => {
                 let event = mapping.event_ref(&message, txn.commit_lsn, row_index);
-                self.as_event_or_refused(message, event, commit_time)
+                Ok(self.as_event_or_refused(message, event, txn.commit_time))
             }
             Err(unmappable) => {
                 let row = PoisonRow::new(
@@ -367,7 +419,71 @@ impl<'a> Session<'a> {
                     unmappable.event.clone(),
                     mapping.raw_payload(&insert.tuple, frame),
                 );
-                self.poison(row, unmappable.into(), commit_time)?
+                self.poison(row, unmappable.into(), txn.commit_time)
+            }
+        }
+    }
+
+    /// A logical decoding message (see [`super::messages`]): with one of our prefixes and
+    /// inside a transaction, an event in its place; else skipped and counted.
+    async fn on_logical_message(
+        &mut self,
+        transactional: bool,
+        prefix: &str,
+        content: Bytes,
+    ) -> Result<Next, Error> {
+        let Some(index) = self.messages.iter().position(|m| m.prefix == prefix) else {
+            self.on_skipped(SkippedKind::LogicalMessage);
+            return Ok(Next::Continue);
+        };
+        if !transactional {
+            self.stats.skipped(SkipReason::NonTransactionalMessage, 1);
+            if !self.warned_non_transactional {
+                self.warned_non_transactional = true;
+                tracing::warn!(%prefix,
+                    "skipped a non-transactional message with prefix `{prefix}`: it is sent even when its transaction aborts, so it is never published; emit it with pg_logical_emit_message(true, …)");
+            }
+            return Ok(Next::Continue);
+        }
+        let Some(txn) = self.transaction.as_ref() else {
+            return Err(SourceError::Replication {
+                detail: format!(
+                    "a transactional message with prefix `{prefix}` arrived outside a transaction"
+                ),
+                transient: false,
+            }
+            .into());
+        };
+        if self.skipping {
+            self.skipped.add(SkipReason::BeforeStartLsn);
+            return Ok(Next::Continue);
+        }
+        let row_index = self.row_index;
+        self.row_index += 1;
+        let message = &self.messages[index];
+        let outgoing = match message.encode(&content) {
+            Ok(frame) => {
+                let Ok(pgoutput::Message::Insert(insert)) = pgoutput::decode(&frame) else {
+                    return Err(SourceError::Replication {
+                        detail: format!(
+                            "the message with prefix `{prefix}` at commit LSN {} did not encode as a row (a bug in outbox-cdc: please report it)",
+                            txn.commit_lsn
+                        ),
+                        transient: false,
+                    }
+                    .into());
+                };
+                self.outgoing(&message.mapping, &insert, &frame, txn, row_index)?
+            }
+            Err(reason) => {
+                let unmappable = message.mapping.unreadable(txn, row_index, reason);
+                let row = PoisonRow::new(
+                    PoisonKind::Unmappable,
+                    unmappable.reason.clone(),
+                    unmappable.event.clone(),
+                    content,
+                );
+                self.poison(row, unmappable.into(), txn.commit_time)?
             }
         };
         self.publish(outgoing).await
@@ -393,13 +509,102 @@ impl<'a> Session<'a> {
             in_flight: InFlight {
                 commit_time,
                 dead_letter: None,
+                batched: false,
+                ends_batch: false,
             },
         }
     }
 
-    /// Sends `outgoing`. A message over the server's `max_payload` is a poison row, whose dead
-    /// letter goes out in its place, fenced as it would have been.
+    /// Sends `outgoing`, or with `--atomic-transactions` holds it for its transaction's batch.
     async fn publish(&mut self, outgoing: Outgoing) -> Result<Next, Error> {
+        let Some(batch) = &mut self.batch else {
+            return self.publish_one(outgoing).await;
+        };
+        let fallback = outgoing
+            .in_flight
+            .dead_letter
+            .is_some()
+            .then_some(Fallback::DeadLetter);
+        match batch.hold(outgoing, fallback) {
+            Held::Yes => Ok(Next::Continue),
+            Held::No(outgoing) => self.publish_one(outgoing).await,
+            Held::FallsBack(outgoing, reason) => {
+                let held = batch.fall_back(reason);
+                if self.publish_each(reason, held).await? == Next::Restart {
+                    return Ok(Next::Restart);
+                }
+                self.publish_one(outgoing).await
+            }
+        }
+    }
+
+    /// The open transaction's held events at its commit: one atomic batch, or event by event
+    /// when the sink cannot send them as one.
+    async fn publish_batch(&mut self) -> Result<Next, Error> {
+        let Some(batch) = &mut self.batch else {
+            return Ok(Next::Continue);
+        };
+        let events = batch.take();
+        if events.is_empty() {
+            return Ok(Next::Continue);
+        }
+        if events.len() == 1 {
+            let mut events = events;
+            return match events.pop() {
+                Some(only) => self.publish_one(only).await,
+                None => Ok(Next::Continue),
+            };
+        }
+        if let Err(reason) = self.sink.batchable(events.iter().map(|o| &o.message))? {
+            let reason = Fallback::Sink(reason);
+            let (_, first) = batch.fall_back(reason);
+            return self.publish_each(reason, (events, first)).await;
+        }
+        let fenced = self.carry.fenced(&events[0].event);
+        let last = events.len() - 1;
+        let batch: Vec<BatchEvent<InFlight>> = events
+            .into_iter()
+            .enumerate()
+            .map(|(i, o)| BatchEvent {
+                message: o.message,
+                event: o.event,
+                tag: InFlight {
+                    batched: true,
+                    ends_batch: i == last,
+                    ..o.in_flight
+                },
+            })
+            .collect();
+        let sent = self.sink.publish_batch(batch, fenced).await?;
+        self.stats.already_stored.inc_by(sent.already_stored as u64);
+        for _ in 0..sent.sent {
+            self.watermark.published();
+        }
+        self.stats.in_flight.set(self.sink.in_flight() as u64);
+        Ok(Next::Continue)
+    }
+
+    /// A transaction that falls back: what was held for its batch goes out one by one.
+    async fn publish_each(
+        &mut self,
+        reason: Fallback,
+        (held, first): (Vec<Outgoing>, bool),
+    ) -> Result<Next, Error> {
+        self.stats.atomic_fallback(reason.as_str());
+        if first && let Some(txn) = &self.transaction {
+            atomic::warn(reason, txn.commit_lsn);
+        }
+        for outgoing in held {
+            if self.publish_one(outgoing).await? == Next::Restart {
+                return Ok(Next::Restart);
+            }
+        }
+        Ok(Next::Continue)
+    }
+
+    /// Sends `outgoing` on its own. A message over the server's `max_payload` is a poison row,
+    /// whose dead letter goes out in its place, fenced as it would have been.
+    async fn publish_one(&mut self, outgoing: Outgoing) -> Result<Next, Error> {
         let Outgoing {
             message,
             event,
@@ -485,6 +690,8 @@ impl<'a> Session<'a> {
             in_flight: InFlight {
                 commit_time,
                 dead_letter: Some(kind),
+                batched: false,
+                ends_batch: false,
             },
         }
     }
@@ -524,6 +731,9 @@ impl<'a> Session<'a> {
             if let Some(kind) = tag.dead_letter {
                 self.stats.poison_row(kind.as_str(), "dead_letter");
             }
+            if tag.ends_batch {
+                self.stats.atomic_batches.inc();
+            }
         }
         self.stats.in_flight.set(self.sink.in_flight() as u64);
         if self.watermark.acked() {
@@ -552,6 +762,19 @@ impl<'a> Session<'a> {
             SinkError::NoStream { event } | SinkError::Rejected { event, .. } => event.clone(),
             _ => return Err(err.into()),
         };
+        if in_flight.batched {
+            // Which of the batch's rows JetStream could not take is not said: event by event,
+            // the next session finds out (and dead-letters it or stops, per --on-error).
+            let detail = match &err {
+                SinkError::Rejected { detail, .. } => detail.as_str(),
+                _ => "no stream captures one of its subjects",
+            };
+            tracing::warn!(commit_lsn = %refused_event.commit_lsn, reason = %detail,
+                "JetStream refused an atomic batch: restarting the session to publish its transaction event by event");
+            self.stats.atomic_fallback(Fallback::Refused.as_str());
+            self.carry.refused_batches.insert(refused_event.commit_lsn);
+            return Ok(Next::Restart);
+        }
         let err = Error::from(err);
         let Disposition::Poison(kind) = err.disposition() else {
             return Err(err);
@@ -614,6 +837,10 @@ impl<'a> Session<'a> {
 
     /// The watermark moved: record it, and report what the replay window lets go.
     fn confirm(&mut self) {
+        if !self.carry.refused_batches.is_empty() {
+            let confirmed = self.watermark.confirmed();
+            self.carry.refused_batches.retain(|&lsn| lsn >= confirmed);
+        }
         let now = Instant::now();
         self.carry.hold.record(now, self.watermark.confirmed());
         self.carry.hold.release(now);

@@ -21,6 +21,7 @@ use super::backfill::{self, BackfillConfig, Rows, TableReport};
 use super::continuity::{self, Gap, Published};
 use super::error::Error;
 use super::mapping::TableMapping;
+use super::messages::MessageMapping;
 use super::progress::{Progress, ProgressRecord};
 use super::replay::ReplayHold;
 use super::session::{Carryover, Session, SessionEnd, SessionStart, Sink};
@@ -199,11 +200,25 @@ impl Supervisor<'_> {
         catalog.check_wal_level().await?;
         // Check the mapping against every published table before streaming, so a wrong flag
         // fails at start rather than at the first event.
-        let tables = catalog.publication_tables(&source.publication).await?;
-        let qualify_ids = tables.len() > 1;
+        let prefixes = &self.config.pipeline.message_prefixes;
+        let tables = if prefixes.is_empty() {
+            catalog.publication_tables(&source.publication).await?
+        } else {
+            catalog.published_tables(&source.publication).await?
+        };
+        let qualify_ids = tables.len() + prefixes.len() > 1;
         for table in &tables {
             TableMapping::bind(&self.config.pipeline.mapping, table, qualify_ids)?;
         }
+        let messages = prefixes
+            .iter()
+            .enumerate()
+            .map(|(i, prefix)| {
+                // Relation ids no table has (OIDs are far below).
+                let id = u32::MAX - i as u32;
+                MessageMapping::bind(&self.config.pipeline.mapping, prefix, id, qualify_ids)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         if qualify_ids && !self.streamed {
             tracing::info!(tables = ?tables.iter().map(|t| t.qualified_name()).collect::<Vec<_>>(),
                 "the publication has several tables: event ids (Nats-Msg-Id) are `schema.table:<id>`, so theirs cannot collide");
@@ -344,6 +359,7 @@ impl Supervisor<'_> {
                     .map(|t| t.qualified_name())
                     .collect::<HashSet<_>>(),
                 qualify_ids,
+                messages,
             },
         })
     }

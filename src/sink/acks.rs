@@ -45,6 +45,8 @@ struct AckQueue<L> {
     /// Sequence of the oldest entry of `pending`.
     first: u64,
     pending: VecDeque<Pending<L>>,
+    /// Atomic batches whose commit is pending.
+    batches: usize,
 }
 
 #[derive(Debug)]
@@ -52,6 +54,18 @@ struct Pending<L> {
     sent: Instant,
     label: L,
     outcome: Option<AckOutcome>,
+    role: Role,
+}
+
+/// A publish's part in an atomic batch: only a batch's last message is answered, for all of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// A message of its own.
+    Single,
+    /// A batch's message before its last: its outcome is the batch's.
+    InBatch,
+    /// A batch's last message, carrying `Nats-Batch-Commit`: its answer is the batch's.
+    CommitsBatch,
 }
 
 impl<L> Default for AckQueue<L> {
@@ -59,6 +73,7 @@ impl<L> Default for AckQueue<L> {
         AckQueue {
             first: 0,
             pending: VecDeque::new(),
+            batches: 0,
         }
     }
 }
@@ -69,25 +84,45 @@ impl<L> AckQueue<L> {
         self.first + self.pending.len() as u64
     }
 
-    fn sent(&mut self, at: Instant, label: L) {
+    fn sent(&mut self, at: Instant, label: L, role: Role) {
+        if role == Role::CommitsBatch {
+            self.batches += 1;
+        }
         self.pending.push_back(Pending {
             sent: at,
             label,
             outcome: None,
+            role,
         });
     }
 
-    /// Records the outcome of publish `sequence`. An answer for a publish no longer pending (a
-    /// late ack after a timeout, a stray message) is ignored.
+    /// Records the outcome of publish `sequence` (for a batch's commit, of the whole batch). An
+    /// answer for a publish no longer pending (a late ack after a timeout, a stray message) is
+    /// ignored.
     fn record(&mut self, sequence: u64, outcome: AckOutcome) {
-        let Some(index) = sequence.checked_sub(self.first) else {
+        let Some(index) = sequence
+            .checked_sub(self.first)
+            .and_then(|i| usize::try_from(i).ok())
+        else {
             return;
         };
-        if let Some(entry) = usize::try_from(index)
-            .ok()
-            .and_then(|i| self.pending.get_mut(i))
-            && entry.outcome.is_none()
-        {
+        let Some(entry) = self.pending.get_mut(index) else {
+            return;
+        };
+        if entry.outcome.is_some() {
+            return;
+        }
+        if entry.role == Role::CommitsBatch {
+            for earlier in self.pending.range_mut(..index).rev() {
+                if earlier.role != Role::InBatch {
+                    break;
+                }
+                if earlier.outcome.is_none() {
+                    earlier.outcome = Some(outcome.clone());
+                }
+            }
+        }
+        if let Some(entry) = self.pending.get_mut(index) {
             entry.outcome = Some(outcome);
         }
     }
@@ -97,6 +132,9 @@ impl<L> AckQueue<L> {
         if self.pending.front()?.outcome.is_some() {
             self.first += 1;
             let pending = self.pending.pop_front()?;
+            if pending.role == Role::CommitsBatch {
+                self.batches -= 1;
+            }
             return pending.outcome.map(|outcome| (pending.label, outcome));
         }
         None
@@ -158,14 +196,20 @@ impl<L> Acks<L> {
     }
 
     /// The publish with the last [`Acks::reply_subject`] went out; `label` comes back with its
-    /// ack.
-    pub fn sent(&mut self, label: L) {
-        self.queue.sent(Instant::now(), label);
+    /// ack. For a message of an atomic batch but its last, sent with no reply subject, `role` is
+    /// [`Role::InBatch`], and it takes the sequence a reply subject would have.
+    pub fn sent(&mut self, label: L, role: Role) {
+        self.queue.sent(Instant::now(), label, role);
     }
 
     /// Publishes awaiting their ack.
     pub fn pending(&self) -> usize {
         self.queue.len()
+    }
+
+    /// Atomic batches awaiting their commit's ack.
+    pub fn batches(&self) -> usize {
+        self.queue.batches
     }
 
     /// The label and outcome of the oldest pending publish. Cancel-safe; pending forever when
@@ -281,7 +325,7 @@ mod tests {
         let mut queue = AckQueue::<u32>::default();
         let now = Instant::now();
         for label in 0..3 {
-            queue.sent(now, label);
+            queue.sent(now, label, Role::Single);
         }
         queue.record(2, Ok(Ack { duplicate: true }));
         queue.record(1, Err(AckError::NoResponders));
@@ -312,8 +356,8 @@ mod tests {
     fn a_timeout_fails_only_the_oldest_publish_without_an_answer() {
         let mut queue = AckQueue::<u32>::default();
         let now = Instant::now();
-        queue.sent(now, 0);
-        queue.sent(now, 1);
+        queue.sent(now, 0, Role::Single);
+        queue.sent(now, 1, Role::Single);
         queue.fail_oldest(AckError::TimedOut(Duration::from_secs(1)));
         assert!(matches!(
             queue.pop_ready(),
@@ -325,5 +369,41 @@ mod tests {
             matches!(queue.pop_ready(), Some((1, Ok(_)))),
             "an ack that arrived stands"
         );
+    }
+
+    #[test]
+    fn a_batch_is_answered_once_for_all_its_messages() {
+        let mut queue = AckQueue::<u32>::default();
+        let now = Instant::now();
+        queue.sent(now, 0, Role::Single);
+        queue.sent(now, 1, Role::InBatch);
+        queue.sent(now, 2, Role::InBatch);
+        queue.sent(now, 3, Role::CommitsBatch);
+        queue.sent(now, 4, Role::InBatch);
+        queue.sent(now, 5, Role::CommitsBatch);
+        assert_eq!(queue.batches, 2);
+        queue.record(5, Err(AckError::Closed));
+        queue.record(3, Ok(Ack { duplicate: false }));
+        assert!(
+            queue.pop_ready().is_none(),
+            "the single message has no ack yet"
+        );
+        queue.record(0, Ok(Ack { duplicate: false }));
+        let popped: Vec<(u32, bool)> = std::iter::from_fn(|| queue.pop_ready())
+            .map(|(label, outcome)| (label, outcome.is_ok()))
+            .collect();
+        assert_eq!(
+            popped,
+            [
+                (0, true),
+                (1, true),
+                (2, true),
+                (3, true),
+                (4, false),
+                (5, false)
+            ],
+            "each batch's answer reaches its own messages, and no others"
+        );
+        assert_eq!(queue.batches, 0);
     }
 }

@@ -303,6 +303,14 @@ impl<T> JetStreamSink<T> {
         let context = jetstream::ContextBuilder::new()
             .timeout(config.ack_timeout)
             .build(client.clone());
+        // Unique to this connection: a batch of an earlier session that JetStream still holds
+        // uncommitted cannot be confused with a new one.
+        let batch_prefix = client
+            .new_inbox()
+            .rsplit('.')
+            .next()
+            .unwrap_or("outbox-cdc")
+            .to_owned();
         Ok(JetStreamSink {
             client,
             context,
@@ -312,6 +320,8 @@ impl<T> JetStreamSink<T> {
             ack_timeout: config.ack_timeout,
             disconnected,
             replicas: 1,
+            batch_prefix,
+            batches_started: 0,
         })
     }
 }

@@ -51,6 +51,18 @@ pub enum SinkError {
          slot, in order. If other publishers share this stream, run with --no-fencing"
     )]
     Fenced { event: EventRef, detail: String },
+    #[error(
+        "stream `{stream}` does not take atomic batches, which --atomic-transactions needs: \
+         enable atomic publish on it (stream config `allow_atomic: true`, nats-server 2.12+), or \
+         drop --atomic-transactions"
+    )]
+    AtomicDisabled { stream: String },
+    #[error(
+        "--atomic-transactions needs nats-server 2.12 or newer (atomic batch publish); the \
+         server is {version}, which would store a batch's messages one by one: upgrade it, or \
+         drop --atomic-transactions"
+    )]
+    AtomicUnsupported { version: String },
     #[error("publishing {event} failed: {detail}")]
     Publish {
         event: EventRef,
@@ -70,6 +82,8 @@ impl SinkError {
             | SinkError::StreamUnavailable(_)
             | SinkError::Fenced { .. } => true,
             SinkError::Stream(_)
+            | SinkError::AtomicDisabled { .. }
+            | SinkError::AtomicUnsupported { .. }
             | SinkError::NoStream { .. }
             | SinkError::TooLarge { .. }
             | SinkError::Rejected { .. } => false,
@@ -81,7 +95,10 @@ impl SinkError {
         match self {
             SinkError::Connect { .. } => "connect",
             SinkError::Disconnected => "disconnected",
-            SinkError::Stream(_) | SinkError::StreamUnavailable(_) => "stream_setup",
+            SinkError::Stream(_)
+            | SinkError::StreamUnavailable(_)
+            | SinkError::AtomicDisabled { .. }
+            | SinkError::AtomicUnsupported { .. } => "stream_setup",
             SinkError::Checkpoint { .. } => "checkpoint",
             SinkError::NoStream { .. } => "no_stream",
             SinkError::TooLarge { .. } => "too_large",

@@ -44,6 +44,10 @@ pub struct StreamSummary {
     pub name: String,
     pub subjects: Vec<String>,
     pub last: Option<StoredEvent>,
+    /// The stream sequence of its last message (0 when it never held one).
+    pub last_sequence: u64,
+    /// The stream takes atomic batches (`allow_atomic`).
+    pub allow_atomic: bool,
 }
 
 /// What a stored message says of the event it carries (outbox-cdc's headers), as far as it says.
@@ -104,6 +108,10 @@ struct FencedStream {
     last_sent: Option<HeaderValue>,
     /// The stream's last message when the session started.
     stored: Option<StoredEvent>,
+    /// The sequence the stream's last message has once everything sent so far is stored: an
+    /// atomic batch, which cannot name a predecessor by id, names it by this.
+    last_sequence: u64,
+    allow_atomic: bool,
 }
 
 /// Which stream a publish goes to, as [`Fence::stream_of`] found it.
@@ -136,6 +144,8 @@ impl Fence {
                     .and_then(|last| last.msg_id.as_deref())
                     .and_then(|id| id.parse::<HeaderValue>().ok()),
                 stored: summary.last,
+                last_sequence: summary.last_sequence,
+                allow_atomic: summary.allow_atomic,
             })
             .filter(|s| !s.filters.is_empty())
             .collect();
@@ -191,7 +201,20 @@ impl Fence {
     pub fn sent(&mut self, stream: StreamIndex, id: HeaderValue) {
         if let Some(s) = self.streams.get_mut(stream.0) {
             s.last_sent = Some(id);
+            s.last_sequence += 1;
         }
+    }
+
+    /// The stream sequence of `stream`'s last message once every publish sent into it in this
+    /// session is stored. A re-sent event JetStream drops as a duplicate throws it off; the
+    /// next batch is then refused, and the session restarts with the stream's real sequence.
+    pub fn expected_last_sequence(&self, stream: StreamIndex) -> Option<u64> {
+        self.streams.get(stream.0).map(|s| s.last_sequence)
+    }
+
+    /// Whether `stream` takes atomic batches (`allow_atomic`).
+    pub fn allows_atomic(&self, stream: StreamIndex) -> bool {
+        self.streams.get(stream.0).is_some_and(|s| s.allow_atomic)
     }
 
     pub fn name(&self, stream: StreamIndex) -> Option<&str> {
@@ -212,6 +235,8 @@ mod tests {
             name: name.to_owned(),
             subjects: subjects.iter().map(|s| s.to_string()).collect(),
             last,
+            last_sequence: 10,
+            allow_atomic: name == "OUTBOX",
         }
     }
 
@@ -243,6 +268,13 @@ mod tests {
         assert_eq!(fence.expected_last(again).map(|v| v.as_str()), Some("e1"));
         fence.sent(again, id("e3"));
         assert_eq!(fence.expected_last(outbox).map(|v| v.as_str()), Some("e3"));
+        assert_eq!(
+            fence.expected_last_sequence(outbox),
+            Some(12),
+            "two sent after the stream's last message, sequence 10"
+        );
+        assert_eq!(fence.expected_last_sequence(dead), Some(11));
+        assert!(fence.allows_atomic(outbox) && !fence.allows_atomic(dead));
     }
 
     #[test]

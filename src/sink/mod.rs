@@ -20,6 +20,7 @@
 //! ([`fence`]) refuses anything that would land behind a lost publish.
 
 mod acks;
+mod batch;
 mod checkpoint;
 mod connect;
 mod error;
@@ -34,6 +35,7 @@ use tokio::sync::watch;
 use crate::event::{EventRef, OutboxEvent};
 
 pub use acks::{Ack, AckError, AckOutcome};
+pub use batch::{BatchEvent, BatchSent, MAX_BATCHES_IN_FLIGHT, NotBatchable};
 pub use checkpoint::Checkpoint;
 pub use connect::{NatsAuth, NatsUrlError, NatsUrls, redact_nats_url};
 pub use error::SinkError;
@@ -57,6 +59,9 @@ pub struct SinkConfig {
     /// Name each publish's predecessor in its stream (`Nats-Expected-Last-Msg-Id`); see
     /// [`fence`].
     pub fencing: bool,
+    /// Transactions go out as atomic batches (see [`batch`]): the server and the streams must
+    /// take them.
+    pub atomic: bool,
 }
 
 /// A publish awaiting its ack: the row it carries, and what the caller attached (`T`).
@@ -93,6 +98,9 @@ pub struct JetStreamSink<T> {
     disconnected: watch::Receiver<bool>,
     /// The most copies a stream of the account keeps (1 until the streams are read).
     replicas: usize,
+    /// Atomic batch ids are `<batch_prefix>-<n>`.
+    batch_prefix: String,
+    batches_started: u64,
 }
 
 impl<T> JetStreamSink<T> {
@@ -185,7 +193,7 @@ impl<T> JetStreamSink<T> {
                  captures these subjects, run with --no-fencing"
             );
         }
-        self.acks.sent(Published { event, tag });
+        self.acks.sent(Published { event, tag }, acks::Role::Single);
         if let Some(stream) = stream {
             self.fence.sent(stream, id);
         }
@@ -228,12 +236,34 @@ impl<T> JetStreamSink<T> {
                 }
             }
             AckError::JetStream(api)
-                if api.error_code() == jetstream::ErrorCode::STREAM_WRONG_LAST_MESSAGE_ID =>
+                if api.error_code() == jetstream::ErrorCode::STREAM_WRONG_LAST_MESSAGE_ID
+                    || api.error_code() == jetstream::ErrorCode::STREAM_WRONG_LAST_SEQUENCE =>
             {
                 SinkError::Fenced {
                     event,
                     detail: api.to_string(),
                 }
+            }
+            AckError::JetStream(api)
+                if api.error_code() == jetstream::ErrorCode::ATOMIC_PUBLISH_DISABLED =>
+            {
+                let stream = match self
+                    .context
+                    .stream_by_subject(event.subject_str().to_owned())
+                    .await
+                {
+                    Ok(name) => name,
+                    Err(_) => format!("capturing {}", event.subject_str()),
+                };
+                SinkError::AtomicDisabled { stream }
+            }
+            // Too many batches in flight: sent again, whole, by the next session. (An incomplete
+            // batch — one of its messages refused on its own, or the batch too slow to arrive —
+            // is refused like a message: its transaction goes out event by event.)
+            AckError::JetStream(api)
+                if api.error_code() == jetstream::ErrorCode::ATOMIC_PUBLISH_TOO_MANY_INFLIGHT =>
+            {
+                publish_error(event, AckError::JetStream(api))
             }
             // 400: JetStream refuses this message itself (e.g. headers over 64 KiB); sending it
             // again cannot help. Other codes (503 no leader, 500) are about the server's state.

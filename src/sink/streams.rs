@@ -15,6 +15,11 @@ impl<T> JetStreamSink<T> {
     /// Creates the configured stream if missing, checks the duplicate window of the streams
     /// that will receive our subjects, and (with fencing) learns every stream's subjects.
     pub async fn prepare(&mut self, config: &SinkConfig) -> Result<(), SinkError> {
+        if config.atomic && !self.client.is_server_compatible(2, 12, 0) {
+            return Err(SinkError::AtomicUnsupported {
+                version: self.client.server_info().version,
+            });
+        }
         if let Some(name) = &config.stream {
             match self.context.get_stream(name).await {
                 Ok(_) => {}
@@ -28,6 +33,7 @@ impl<T> JetStreamSink<T> {
                             subjects: config.capture_subjects.clone(),
                             duplicate_window: config.duplicate_window,
                             storage: stream::StorageType::File,
+                            allow_atomic_publish: config.atomic,
                             ..Default::default()
                         })
                         .await
@@ -77,6 +83,9 @@ impl<T> JetStreamSink<T> {
             let info = stream.info().await.map_err(|e| {
                 SinkError::StreamUnavailable(format!("reading stream `{name}`: {e}"))
             })?;
+            if config.atomic && !info.config.allow_atomic_publish {
+                return Err(SinkError::AtomicDisabled { stream: name });
+            }
             let window = info.config.duplicate_window;
             if window < MIN_SAFE_DUPLICATE_WINDOW {
                 tracing::warn!(stream = %name, duplicate_window = ?window,
@@ -126,6 +135,8 @@ impl<T> JetStreamSink<T> {
                 name,
                 subjects: info.config.subjects,
                 last,
+                last_sequence: info.state.last_sequence,
+                allow_atomic: info.config.allow_atomic_publish,
             });
         }
         let fence = Fence::new(streams);

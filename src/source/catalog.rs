@@ -179,8 +179,23 @@ impl Catalog {
     }
 
     /// The tables the publication publishes, with their columns, for checking the mapping before
-    /// any event arrives.
+    /// any event arrives: at least one.
     pub async fn publication_tables(
+        &self,
+        publication: &PublicationName,
+    ) -> Result<Vec<Relation>, SourceError> {
+        let tables = self.published_tables(publication).await?;
+        if tables.is_empty() {
+            return Err(SourceError::PublicationEmpty {
+                publication: publication.to_string(),
+            });
+        }
+        Ok(tables)
+    }
+
+    /// As [`Catalog::publication_tables`], but possibly none: a table-less outbox
+    /// (`--message-prefix`) streams through a publication of no table.
+    pub async fn published_tables(
         &self,
         publication: &PublicationName,
     ) -> Result<Vec<Relation>, SourceError> {
@@ -206,11 +221,6 @@ impl Catalog {
             )
             .await
             .map_err(|e| SourceError::query("reading the publication's tables", e))?;
-        if rows.is_empty() {
-            return Err(SourceError::PublicationEmpty {
-                publication: publication.to_string(),
-            });
-        }
         Ok(rows
             .iter()
             .map(|row| {

@@ -43,7 +43,8 @@ pub enum SourceError {
     PublicationMissing { publication: String },
     #[error(
         "publication `{publication}` contains no table; add the outbox table with \
-         `ALTER PUBLICATION {publication} ADD TABLE <outbox table>;`"
+         `ALTER PUBLICATION {publication} ADD TABLE <outbox table>;` (or, for a table-less \
+         outbox of pg_logical_emit_message events, run with --message-prefix)"
     )]
     PublicationEmpty { publication: String },
     #[error(

@@ -25,6 +25,13 @@ pub enum WalEvent {
     Commit { end_lsn: Lsn },
     /// The server's heartbeat: it has sent everything up to `wal_end`.
     Keepalive { wal_end: Lsn },
+    /// A logical decoding message (`pg_logical_emit_message`): inside its transaction when
+    /// `transactional`, else on its own, whether or not its transaction commits.
+    Message {
+        transactional: bool,
+        prefix: String,
+        content: Bytes,
+    },
 }
 
 /// A running `START_REPLICATION` session. Dropping it ends the session.
@@ -196,38 +203,44 @@ impl ReplicationStream {
 
     /// The next event. Cancel-safe.
     pub async fn next(&mut self) -> Result<WalEvent, SourceError> {
-        loop {
-            let received = tokio::select! {
-                biased;
-                received = self.client.recv() => received,
-                dead = self.liveness.dead() => return Err(dead),
-            };
-            let event = match received {
-                Ok(Some(event)) => event,
-                Ok(None) => return Err(SourceError::Ended),
-                Err(e) => return Err(SourceError::from_wire(&self.slot, e)),
-            };
-            return Ok(match event {
-                ReplicationEvent::Begin {
-                    final_lsn,
-                    commit_time_micros,
-                    ..
-                } => WalEvent::Begin {
-                    commit_lsn: final_lsn.into(),
-                    commit_time_micros,
-                },
-                ReplicationEvent::XLogData { data, .. } => WalEvent::Data(data),
-                ReplicationEvent::Commit { end_lsn, .. } => WalEvent::Commit {
-                    end_lsn: end_lsn.into(),
-                },
-                ReplicationEvent::KeepAlive { wal_end, .. } => WalEvent::Keepalive {
-                    wal_end: wal_end.into(),
-                },
-                // Logical decoding messages (pg_logical_emit_message) are not outbox rows.
-                ReplicationEvent::Message { .. } => continue,
-                ReplicationEvent::StoppedAt { .. } => return Err(SourceError::Ended),
-            });
-        }
+        let received = tokio::select! {
+            biased;
+            received = self.client.recv() => received,
+            dead = self.liveness.dead() => return Err(dead),
+        };
+        let event = match received {
+            Ok(Some(event)) => event,
+            Ok(None) => return Err(SourceError::Ended),
+            Err(e) => return Err(SourceError::from_wire(&self.slot, e)),
+        };
+        Ok(match event {
+            ReplicationEvent::Begin {
+                final_lsn,
+                commit_time_micros,
+                ..
+            } => WalEvent::Begin {
+                commit_lsn: final_lsn.into(),
+                commit_time_micros,
+            },
+            ReplicationEvent::XLogData { data, .. } => WalEvent::Data(data),
+            ReplicationEvent::Commit { end_lsn, .. } => WalEvent::Commit {
+                end_lsn: end_lsn.into(),
+            },
+            ReplicationEvent::KeepAlive { wal_end, .. } => WalEvent::Keepalive {
+                wal_end: wal_end.into(),
+            },
+            ReplicationEvent::Message {
+                transactional,
+                prefix,
+                content,
+                ..
+            } => WalEvent::Message {
+                transactional,
+                prefix,
+                content,
+            },
+            ReplicationEvent::StoppedAt { .. } => return Err(SourceError::Ended),
+        })
     }
 
     /// Records `lsn` as durable downstream; the next status update reports it as flushed.

@@ -13,7 +13,10 @@ use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
 use tokio_postgres::NoTls;
 
-use super::{CommittedRow, Received, TestEnv, rows_committed_through, stream_message_count};
+use super::{
+    CommittedRow, Publisher, Received, TestEnv, read_stream, rows_committed_through,
+    stream_message_count, wait_for_messages, wait_for_metric,
+};
 
 /// Writers inserting outbox rows until they have written `total` between them or are stopped.
 /// They survive server restarts: a failed transaction is retried on a new connection (the
@@ -29,6 +32,28 @@ impl Workload {
     /// between transactions (zero: as fast as possible).
     pub fn start(
         env: &TestEnv,
+        name: &str,
+        writers: usize,
+        total: u64,
+        max_txn: u64,
+        pause: Duration,
+    ) -> Workload {
+        Self::start_with(
+            env,
+            super::INSERT_EVENTS,
+            name,
+            writers,
+            total,
+            max_txn,
+            pause,
+        )
+    }
+
+    /// As [`Workload::start`], each transaction running `statement` with the writer's name
+    /// (`$1`) and its number of events (`$2`).
+    pub fn start_with(
+        env: &TestEnv,
+        statement: &'static str,
         name: &str,
         writers: usize,
         total: u64,
@@ -52,9 +77,7 @@ impl Workload {
                         };
                         seed = xorshift(seed);
                         let rows = 1 + seed % max_txn;
-                        let result = c
-                            .execute(super::INSERT_EVENTS, &[&writer, &(rows as i32)])
-                            .await;
+                        let result = c.execute(statement, &[&writer, &(rows as i32)]).await;
                         match result {
                             Ok(_) => {
                                 written.fetch_add(rows, Ordering::Relaxed);
@@ -430,4 +453,27 @@ pub fn compare(
         samples: samples.len(),
         telling_samples,
     }
+}
+
+/// The end of a scenario: waits until the stream holds `expected` events and nothing is in
+/// flight, stops the publisher with SIGTERM (it must exit cleanly), and reads the stream. Also
+/// returns the publisher's last metrics.
+pub async fn stored_after_clean_stop(
+    env: &TestEnv,
+    publisher: &mut Publisher,
+    expected: usize,
+) -> (Vec<Received>, String) {
+    let js = env.jetstream().await;
+    wait_for_messages(
+        &js,
+        &env.stream,
+        expected as u64,
+        Duration::from_secs(180),
+        || publisher.log(),
+    )
+    .await;
+    let metrics = wait_for_metric(publisher, "outbox_cdc_in_flight", 0.0).await;
+    let status = publisher.terminate(Duration::from_secs(30)).await;
+    assert!(status.success(), "{}", publisher.log());
+    (read_stream(&js, &env.stream).await, metrics)
 }

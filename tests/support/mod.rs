@@ -349,6 +349,45 @@ pub struct CommittedRow {
 impl Oracle {
     /// Every committed outbox insert so far, in commit order.
     pub async fn rows(&self, env: &TestEnv) -> Vec<CommittedRow> {
+        self.committed(env, |data| {
+            data.contains(".outbox: INSERT:").then(|| {
+                data.split_once("id[uuid]:'")
+                    .and_then(|(_, rest)| rest.split_once('\''))
+                    .map(|(id, _)| id.to_owned())
+                    .expect("an id in the oracle row")
+            })
+        })
+        .await
+    }
+
+    /// Every committed outbox insert and transactional logical decoding message with
+    /// `prefix`, in commit order, with their ids as outbox-cdc qualifies them when it streams
+    /// both: `public.outbox:<id>` and `message.<prefix>:<the message's "id" member>`.
+    pub async fn rows_and_messages(&self, env: &TestEnv, prefix: &str) -> Vec<CommittedRow> {
+        let message = format!("message: transactional: 1 prefix: {prefix}, sz: ");
+        self.committed(env, |data| {
+            if data.contains(".outbox: INSERT:") {
+                let (_, rest) = data.split_once("id[uuid]:'").expect("an id");
+                let (id, _) = rest.split_once('\'').expect("an id");
+                return Some(format!("public.outbox:{id}"));
+            }
+            let content = data
+                .strip_prefix(message.as_str())?
+                .split_once("content:")?
+                .1;
+            let object: serde_json::Value = serde_json::from_str(content).ok()?;
+            let id = object.get("id")?.as_str()?;
+            Some(format!("message.{prefix}:{id}"))
+        })
+        .await
+    }
+
+    /// The events `event_id` finds in the slot's committed transactions, in commit order.
+    async fn committed(
+        &self,
+        env: &TestEnv,
+        event_id: impl Fn(&str) -> Option<String>,
+    ) -> Vec<CommittedRow> {
         let rows = env
             .sql()
             .await
@@ -370,12 +409,7 @@ impl Oracle {
                     id,
                     commit_end: lsn as u64,
                 }));
-            } else if data.contains(".outbox: INSERT:") {
-                let id = data
-                    .split_once("id[uuid]:'")
-                    .and_then(|(_, rest)| rest.split_once('\''))
-                    .map(|(id, _)| id.to_owned())
-                    .expect("an id in the oracle row");
+            } else if let Some(id) = event_id(&data) {
                 open.push(id);
             }
         }

@@ -1,0 +1,345 @@
+//! `--atomic-transactions`: each transaction is one atomic JetStream batch, so a consumer never
+//! sees part of one — not even when the publisher is killed in the middle of a batch; a
+//! transaction that cannot be one batch goes out event by event, in order, counted; and a server
+//! or stream that cannot take batches is refused at start, with what to change.
+//! (Atomic batches need nats-server 2.12+; on older servers only the refusal is tested.)
+
+mod support;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, stream};
+use support::faults::{Chaos, Sampler, Workload, stored_after_clean_stop, verdict};
+use support::*;
+
+const SLOT: &str = "outbox_cdc";
+
+/// Whether the test's NATS server takes atomic batches.
+async fn takes_atomic_batches(js: &jetstream::Context) -> bool {
+    let takes = js.client().is_server_compatible(2, 12, 0);
+    if !takes {
+        eprintln!(
+            "skipped: nats-server {} has no atomic batch publish (2.12+)",
+            js.client().server_info().version
+        );
+    }
+    takes
+}
+
+async fn create_stream(env: &TestEnv, name: &str, subjects: &[String], atomic: bool) {
+    env.jetstream()
+        .await
+        .create_stream(stream::Config {
+            name: name.to_owned(),
+            subjects: subjects.to_vec(),
+            duplicate_window: Duration::from_secs(600),
+            allow_atomic_publish: atomic,
+            ..Default::default()
+        })
+        .await
+        .expect("create stream");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_or_stream_without_atomic_batches_is_refused_at_start() {
+    let env = TestEnv::start().await;
+    let js = env.jetstream().await;
+    let subjects = [format!("{}.>", env.subject_prefix)];
+    create_stream(&env, &env.stream, &subjects, false).await;
+    let mut publisher = env.publisher(&["--atomic-transactions"]);
+    let status = publisher.wait_exit(Duration::from_secs(60)).await;
+    let log = publisher.log();
+    assert_eq!(exit_code(status), Some(1), "{log}");
+    if js.client().is_server_compatible(2, 12, 0) {
+        assert!(
+            log.contains(&format!(
+                "stream `{}` does not take atomic batches",
+                env.stream
+            )) && log.contains("allow_atomic"),
+            "{log}"
+        );
+    } else {
+        assert!(
+            log.contains("needs nats-server 2.12 or newer"),
+            "an older server stores a batch's messages one by one: {log}"
+        );
+    }
+    let output = run_command(&[
+        "run",
+        "--atomic-transactions",
+        "--no-fencing",
+        "--database-url",
+        &env.database_url,
+    ]);
+    assert_eq!(output.status.code(), Some(1), "{}", output_text(&output));
+    assert!(output_text(&output).contains("drop --no-fencing"));
+}
+
+/// Per committed transaction (by the oracle): its events' ids in order.
+fn transactions(committed: &[CommittedRow]) -> HashMap<&str, (u64, usize, usize)> {
+    let mut sizes: HashMap<u64, usize> = HashMap::new();
+    for row in committed {
+        *sizes.entry(row.commit_end).or_default() += 1;
+    }
+    let mut position: HashMap<u64, usize> = HashMap::new();
+    committed
+        .iter()
+        .map(|row| {
+            let index = position.entry(row.commit_end).or_default();
+            let at = *index;
+            *index += 1;
+            (
+                row.id.as_str(),
+                (row.commit_end, at, sizes[&row.commit_end]),
+            )
+        })
+        .collect()
+}
+
+/// The id of the stream's last message, as a consumer reading to the end sees it.
+async fn last_stored_id(js: &jetstream::Context, stream: &str) -> Option<String> {
+    let mut s = js.get_stream(stream).await.ok()?;
+    let last = s.info().await.ok()?.state.last_sequence;
+    if last == 0 {
+        return None;
+    }
+    let message = s.get_raw_message(last).await.ok()?;
+    message
+        .headers
+        .get("Nats-Msg-Id")
+        .map(|v| v.as_str().to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_batch_never_leaves_part_of_a_transaction_in_the_stream() {
+    let total: u64 = env_or("OUTBOX_CDC_ATOMIC_EVENTS", 30_000);
+    let env = TestEnv::start().await;
+    let js = env.jetstream().await;
+    if !takes_atomic_batches(&js).await {
+        return;
+    }
+    create_stream(
+        &env,
+        &env.stream,
+        &[format!("{}.>", env.subject_prefix)],
+        true,
+    )
+    .await;
+    let oracle = env.oracle().await;
+    let args = ["--atomic-transactions"];
+    let mut publisher = env.publisher(&args);
+    publisher
+        .wait_for_log("this instance is the leader", Duration::from_secs(30))
+        .await;
+    let sampler = Sampler::start(&env, SLOT);
+    // Transactions of 1 to 40 events: most of them batches, several in flight at any time.
+    let writers = Workload::start(&env, "w", 2, total, 40, Duration::from_millis(1));
+    let mut chaos = Chaos::new();
+    let mut ends = Vec::new();
+    for round in 1..=4 {
+        writers.wait_written(total * round / 5).await;
+        tokio::time::sleep(chaos.between(Duration::ZERO, Duration::from_millis(200))).await;
+        publisher.kill9();
+        // Batches the dead publisher had sent are committed or dropped by now.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        // What a consumer reading to the end of the stream sees now: whole transactions.
+        let last = last_stored_id(&js, &env.stream).await;
+        let committed = oracle.rows(&env).await;
+        let txns = transactions(&committed);
+        if let Some(last) = last {
+            let (_, at, size) = txns[last.as_str()];
+            ends.push((at + 1, size));
+            assert_eq!(
+                at + 1,
+                size,
+                "after kill -9 #{round} the stream ends inside a transaction: its event {} of {size}",
+                at + 1
+            );
+        }
+        publisher = env.publisher(&args);
+        publisher
+            .wait_for_log("this instance is the leader", Duration::from_secs(60))
+            .await;
+    }
+    writers.finish(false).await;
+    let committed = oracle.rows(&env).await;
+    let (stream, text) = stored_after_clean_stop(&env, &mut publisher, committed.len()).await;
+    assert!(
+        metric(&text, "outbox_cdc_atomic_batches_total").unwrap_or(0.0) > 0.0,
+        "{text}"
+    );
+    let samples = sampler.finish().await;
+    println!("ATOMIC stream ends at each kill (event of transaction size): {ends:?}");
+    verdict(
+        "kill -9 x4 mid-batch, --atomic-transactions",
+        4,
+        &[],
+        &stream,
+        &committed,
+        &samples,
+    );
+    // `verify` follows the chain through the batches: each first message names the sequence
+    // before it, the others follow their batch.
+    let output = run_command(&[
+        "verify",
+        "--stream",
+        &env.stream,
+        "--nats-url",
+        &env.nats_url,
+        "--database-url",
+        &env.database_url,
+    ]);
+    let report = output_text(&output);
+    assert_eq!(output.status.code(), Some(0), "{report}");
+    assert!(
+        report.contains("every predecessor named is the message before"),
+        "{report}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transactions_that_cannot_be_one_batch_go_out_event_by_event_in_order() {
+    let env = TestEnv::start().await;
+    let js = env.jetstream().await;
+    if !takes_atomic_batches(&js).await {
+        return;
+    }
+    let p = env.subject_prefix.clone();
+    let dead = format!("{p}.dead");
+    let invoices = format!("{}_INV", env.stream);
+    create_stream(
+        &env,
+        &env.stream,
+        &[format!("{p}.order.>"), dead.clone()],
+        true,
+    )
+    .await;
+    create_stream(&env, &invoices, &[format!("{p}.invoice.>")], true).await;
+    let oracle = env.oracle().await;
+    let publisher = env.publisher(&[
+        "--atomic-transactions",
+        "--atomic-max-batch",
+        "10",
+        "--on-error",
+        "dead-letter",
+        "--dead-letter-subject",
+        &dead,
+    ]);
+    publisher
+        .wait_for_log("this instance is the leader", Duration::from_secs(30))
+        .await;
+    let orders = |n: usize, tag: &str| {
+        format!(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)
+             SELECT 'order', '{tag}-' || g, 'created', '{{}}' FROM generate_series(1, {n}) g;"
+        )
+    };
+    let sql = env.sql().await;
+    let transactions = [
+        // One batch.
+        orders(5, "a"),
+        // Over --atomic-max-batch.
+        orders(25, "b"),
+        // Two streams.
+        format!(
+            "{} INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)
+             VALUES ('invoice', 'c', 'sent', '{{}}');",
+            orders(3, "c")
+        ),
+        // A poison row (whitespace in a subject token) among the rows: dead-lettered in its place.
+        format!(
+            "{} INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)
+             VALUES ('order', 'd', 'bad type', '{{}}'); {}",
+            orders(2, "d"),
+            orders(1, "d2")
+        ),
+        // A row JetStream refuses (headers over 64 KiB) makes it refuse the whole batch: the
+        // transaction goes again event by event, and the row is dead-lettered in its place.
+        format!(
+            "{} INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload, headers)
+             VALUES ('order', 'e', 'created', '{{}}', jsonb_build_object('x-big', repeat('v', 200000))); {}",
+            orders(2, "e"),
+            orders(1, "e2")
+        ),
+        // One batch again.
+        orders(4, "f"),
+    ];
+    for sql_text in &transactions {
+        sql.batch_execute(&format!("BEGIN; {sql_text} COMMIT;"))
+            .await
+            .unwrap_or_else(|e| panic!("{sql_text}: {e}"));
+    }
+    let committed = oracle.rows(&env).await;
+    assert_eq!(committed.len(), 5 + 25 + 4 + 4 + 4 + 4);
+    wait_for_messages(
+        &js,
+        &env.stream,
+        committed.len() as u64 - 1,
+        Duration::from_secs(60),
+        || publisher.log(),
+    )
+    .await;
+    let text = wait_for_metric(&publisher, "outbox_cdc_in_flight", 0.0).await;
+    let count = |name: &str| metric(&text, name).unwrap_or(0.0);
+    let fallback = |reason: &str| {
+        count(&format!(
+            "outbox_cdc_atomic_fallbacks_total{{reason=\"{reason}\"}}"
+        ))
+    };
+    assert_eq!(count("outbox_cdc_atomic_batches_total"), 2.0, "{text}");
+    assert_eq!(fallback("too_many_events"), 1.0, "{text}");
+    assert_eq!(fallback("several_streams"), 1.0, "{text}");
+    assert_eq!(fallback("dead_letter"), 1.0, "{text}");
+    assert_eq!(fallback("refused"), 1.0, "{text}");
+    let log = publisher.log();
+    assert!(
+        log.contains("not as one atomic batch")
+            && log.contains("JetStream refused an atomic batch"),
+        "{log}"
+    );
+
+    // Every event once, in commit order: the orders and dead letters in one stream, the
+    // invoice in the other.
+    let orders_stream = read_stream(&js, &env.stream).await;
+    let invoice_stream = read_stream(&js, &invoices).await;
+    assert_eq!(invoice_stream.len(), 1);
+    let event_id = |m: &Received| -> String {
+        header(m, "Outbox-Event-Id")
+            .map(str::to_owned)
+            .unwrap_or_else(|| m.id.clone())
+    };
+    let mut stored: Vec<String> = orders_stream.iter().map(event_id).collect();
+    stored.extend(invoice_stream.iter().map(event_id));
+    let position: HashMap<&str, usize> = committed
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (r.id.as_str(), i))
+        .collect();
+    let mut in_order: Vec<usize> = orders_stream
+        .iter()
+        .map(|m| {
+            let id = event_id(m);
+            *position
+                .get(id.as_str())
+                .unwrap_or_else(|| panic!("{id} is not a committed row"))
+        })
+        .collect();
+    assert!(
+        in_order.windows(2).all(|w| w[0] < w[1]),
+        "out of commit order: {in_order:?}"
+    );
+    in_order.push(position[event_id(&invoice_stream[0]).as_str()]);
+    in_order.sort_unstable();
+    assert_eq!(
+        in_order,
+        (0..committed.len()).collect::<Vec<_>>(),
+        "every event once"
+    );
+    let dead_letters: Vec<&str> = orders_stream
+        .iter()
+        .filter(|m| m.subject == dead)
+        .filter_map(|m| header(m, "Outbox-Error-Kind"))
+        .collect();
+    assert_eq!(dead_letters, ["unmappable", "rejected"]);
+}
