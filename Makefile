@@ -64,9 +64,10 @@ bench-smoke: deps $(NATS_LATEST)
 	OUTBOX_CDC_NATS_SERVER=$(CURDIR)/$(NATS_LATEST) OUTBOX_CDC_FB_MESSAGES=5000 \
 	OUTBOX_CDC_FB_ROUNDS=1 cargo bench --bench fast_batch
 
-# The full benchmarks: end to end beside pg_recvlogical and a raw NATS publish loop (about
-# 8 minutes on 2 cores; table in README, JSON in target/bench/e2e.json), the hot path, and the
-# probe of JetStream fast batch publishing on the newest nats-server (about a minute).
+# The full benchmarks (about 8 minutes on 2 cores): end to end beside pg_recvlogical and a raw
+# NATS publish loop (JSON in target/bench/e2e.json), atomic batches against per-message
+# publishing on the newest nats-server (e2e-atomic.json), the hot path, and the probe of
+# JetStream fast batch publishing (figures in docs/benchmarks.md).
 bench: deps $(NATS_LATEST)
 	cargo bench --bench e2e
 	OUTBOX_CDC_NATS_SERVER=$(CURDIR)/$(NATS_LATEST) OUTBOX_CDC_E2E_SINGLE_ROWS=0 \
