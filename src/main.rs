@@ -40,16 +40,18 @@ fn main() -> ExitCode {
         }
     };
     let outcome = runtime.block_on(async {
-        let shutdown = shutdown_signal().map_err(|e| format!("cannot watch for signals: {e}"))?;
-        commands::execute(cli.command, shutdown)
-            .await
-            .map_err(|e| e.to_string())
+        let shutdown = shutdown_signal()
+            .map_err(|e| (ExitCode::FAILURE, format!("cannot watch for signals: {e}")))?;
+        commands::execute(cli.command, shutdown).await.map_err(|e| {
+            let code = if e.is_usage() { 2 } else { 1 };
+            (ExitCode::from(code), e.to_string())
+        })
     });
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
+        Err((code, err)) => {
             tracing::error!("{err}");
-            ExitCode::FAILURE
+            code
         }
     }
 }

@@ -72,7 +72,12 @@ async fn a_server_or_stream_without_atomic_batches_is_refused_at_start() {
         "--database-url",
         &env.database_url,
     ]);
-    assert_eq!(output.status.code(), Some(1), "{}", output_text(&output));
+    assert_eq!(
+        output.status.code(),
+        Some(2),
+        "a conflict of flags is a usage error: {}",
+        output_text(&output)
+    );
     assert!(output_text(&output).contains("drop --no-fencing"));
 }
 

@@ -190,4 +190,34 @@ async fn invalid_flags_are_rejected_before_connecting() {
     let status = publisher.wait_exit(Duration::from_secs(30)).await;
     assert_eq!(status.code(), Some(2), "usage errors exit 2");
     assert_contains(&publisher.log(), "invalid slot name `Not-Valid`");
+
+    // Values checked after parsing exit 2 as well, naming what is wrong, password redacted.
+    let cases = [
+        (
+            "--database-url",
+            "postgres://app:s3cret@127.0.0.1:1/db?sslmode=bogus",
+            "unknown sslmode `bogus`",
+        ),
+        (
+            "--database-url",
+            "no-url-at-all",
+            "invalid database URL `no-url-at-all`",
+        ),
+        (
+            "--nats-url",
+            "nats://app:s3cret@bad host",
+            "invalid --nats-url `nats://app:***@bad host`",
+        ),
+        ("--status-interval", "1ms", "--status-interval"),
+    ];
+    for (flag, value, needle) in cases {
+        let mut args = env.publisher_args();
+        set_arg(&mut args, flag, value);
+        let mut publisher = Publisher::start(&args);
+        let status = publisher.wait_exit(Duration::from_secs(30)).await;
+        let log = publisher.log();
+        assert_eq!(status.code(), Some(2), "{flag} {value}: {log}");
+        assert_contains(&log, needle);
+        assert!(!log.contains("s3cret"), "password in the log: {log}");
+    }
 }

@@ -30,6 +30,20 @@ pub enum CommandError {
     Verify(#[from] verify::VerifyError),
 }
 
+impl CommandError {
+    /// A flag or value found wrong before anything was connected: the process exits 2 for it,
+    /// as for the usage errors the command line's parser finds, and 1 for everything else.
+    pub fn is_usage(&self) -> bool {
+        matches!(
+            self,
+            CommandError::Run(run::RunError::Config(_))
+                | CommandError::Backfill(backfill::BackfillError::Config(_))
+                | CommandError::Admin(setup::AdminError::Config(_))
+                | CommandError::Verify(verify::VerifyError::Config(_))
+        )
+    }
+}
+
 /// Runs `command` until it is done, fails, or `shutdown` turns true.
 pub async fn execute(
     command: Command,
