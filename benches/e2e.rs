@@ -460,6 +460,7 @@ async fn raw_publish(nats_url: &str, messages: &[Received], settings: &Settings)
         auth: NatsAuth::default(),
         stream: None,
         capture_subjects: Vec::new(),
+        event_subjects: Vec::new(),
         duplicate_window: Duration::from_secs(600),
         ack_timeout: Duration::from_secs(10),
         max_in_flight: settings.window,

@@ -81,6 +81,69 @@ async fn a_server_or_stream_without_atomic_batches_is_refused_at_start() {
     assert!(output_text(&output).contains("drop --no-fencing"));
 }
 
+/// Dead letters always go out one by one, so their own stream need not take atomic batches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_stream_need_not_take_atomic_batches() {
+    let env = TestEnv::start().await;
+    let js = env.jetstream().await;
+    if !takes_atomic_batches(&js).await {
+        return;
+    }
+    let p = env.subject_prefix.clone();
+    let dead = format!("dlq.{p}");
+    let dead_stream = format!("{}_DLQ", env.stream);
+    create_stream(&env, &env.stream, &[format!("{p}.>")], true).await;
+    create_stream(&env, &dead_stream, std::slice::from_ref(&dead), false).await;
+    let publisher = env.publisher(&[
+        "--atomic-transactions",
+        "--on-error",
+        "dead-letter",
+        "--dead-letter-subject",
+        &dead,
+    ]);
+    publisher
+        .wait_for_log("this instance is the leader", Duration::from_secs(30))
+        .await;
+    let row = |id: &str, event_type: &str| {
+        format!(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)
+             VALUES ('order', '{id}', '{event_type}', '{{}}');"
+        )
+    };
+    let sql = env.sql().await;
+    for transaction in [
+        format!(
+            "{}{}{}",
+            row("a", "created"),
+            row("b", "bad type"),
+            row("c", "created")
+        ),
+        format!("{}{}", row("d", "created"), row("e", "created")),
+    ] {
+        sql.batch_execute(&format!("BEGIN; {transaction} COMMIT;"))
+            .await
+            .expect("insert");
+    }
+    wait_for_messages(&js, &env.stream, 4, Duration::from_secs(60), || {
+        publisher.log()
+    })
+    .await;
+    wait_for_messages(&js, &dead_stream, 1, Duration::from_secs(60), || {
+        publisher.log()
+    })
+    .await;
+    let text = wait_for_metric(&publisher, "outbox_cdc_in_flight", 0.0).await;
+    let count = |name: &str| metric(&text, name).unwrap_or(0.0);
+    assert_eq!(count("outbox_cdc_atomic_batches_total"), 1.0, "{text}");
+    assert_eq!(
+        count("outbox_cdc_atomic_fallbacks_total{reason=\"dead_letter\"}"),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(stream_message_count(&js, &env.stream).await, 4);
+    assert_eq!(stream_message_count(&js, &dead_stream).await, 1);
+}
+
 /// Per committed transaction (by the oracle): its events' ids in order.
 fn transactions(committed: &[CommittedRow]) -> HashMap<&str, (u64, usize, usize)> {
     let mut sizes: HashMap<u64, usize> = HashMap::new();

@@ -335,13 +335,13 @@ impl RunArgs {
             }
         };
         let subject_map = SubjectMap::new(self.subject_map);
-        let capture_subjects = match &subject_template {
+        let event_subjects = match &subject_template {
             Some(template) => subject_map.capture_filters(&template.capture_filter()),
             None if self.stream.is_some() => return Err(ConfigError::StreamSubjectsUnknown),
             // Subjects come from a column: the streams are the user's to define.
             None => Vec::new(),
         };
-        let mut capture_subjects = capture_subjects;
+        let mut capture_subjects = event_subjects.clone();
         if let ErrorPolicy::DeadLetter { subject } = &on_error
             && !capture_subjects.is_empty()
         {
@@ -362,6 +362,7 @@ impl RunArgs {
                 auth: nats_auth,
                 stream: self.stream,
                 capture_subjects,
+                event_subjects,
                 duplicate_window: self.duplicate_window,
                 ack_timeout: self.ack_timeout,
                 max_in_flight: self.max_in_flight as usize,
@@ -530,6 +531,21 @@ mod tests {
         ];
         let config = parse(&args).unwrap().resolve().unwrap();
         assert_eq!(config.sink.capture_subjects, ["outbox.>", "prod.orders.*"]);
+        assert_eq!(config.sink.event_subjects, config.sink.capture_subjects);
+        // Dead letters are captured too, but are not events' subjects (they are never batched).
+        let mut dead = args.to_vec();
+        dead.extend([
+            "--on-error",
+            "dead-letter",
+            "--dead-letter-subject",
+            "dlq.outbox",
+        ]);
+        let config = parse(&dead).unwrap().resolve().unwrap();
+        assert_eq!(
+            config.sink.capture_subjects,
+            ["outbox.>", "prod.orders.*", "dlq.outbox"]
+        );
+        assert_eq!(config.sink.event_subjects, ["outbox.>", "prod.orders.*"]);
         let err = parse(&["--subject-map", "a.*=b.*.*"])
             .unwrap_err()
             .to_string();

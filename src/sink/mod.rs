@@ -52,7 +52,12 @@ pub struct SinkConfig {
     pub auth: NatsAuth,
     /// A stream to create when missing, capturing `capture_subjects`.
     pub stream: Option<String>,
+    /// What outbox-cdc publishes on, where the subject template tells: `event_subjects` and the
+    /// dead letters' subject.
     pub capture_subjects: Vec<String>,
+    /// The events' subjects, where the subject template tells: with `atomic`, the streams that
+    /// capture them must take atomic batches (checked at start).
+    pub event_subjects: Vec<String>,
     pub duplicate_window: Duration,
     pub ack_timeout: Duration,
     pub max_in_flight: usize,

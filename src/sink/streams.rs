@@ -58,21 +58,20 @@ impl<T> JetStreamSink<T> {
                 Err(err) => return Err(get_stream_error(name, err)),
             }
         }
-        let mut names = Vec::new();
-        if let Some(name) = &config.stream {
-            names.push(name.clone());
-        }
-        for subject in &config.capture_subjects {
-            if let Ok(name) = self.context.stream_by_subject(subject.clone()).await
-                && !names.contains(&name)
-            {
-                names.push(name);
-            }
-        }
+        let names = self
+            .streams_capturing(config.stream.as_ref(), &config.capture_subjects)
+            .await;
         if names.is_empty() && !config.capture_subjects.is_empty() {
             tracing::warn!(subjects = ?config.capture_subjects,
                 "no JetStream stream captures the outbox subjects yet; publishing will fail until one does");
         }
+        // Dead letters always go out one by one: only the events' streams take batches.
+        let batched = if config.atomic {
+            self.streams_capturing(config.stream.as_ref(), &config.event_subjects)
+                .await
+        } else {
+            Vec::new()
+        };
         for name in names {
             let mut stream = self
                 .context
@@ -83,7 +82,7 @@ impl<T> JetStreamSink<T> {
             let info = stream.info().await.map_err(|e| {
                 SinkError::StreamUnavailable(format!("reading stream `{name}`: {e}"))
             })?;
-            if config.atomic && !info.config.allow_atomic_publish {
+            if batched.contains(&name) && !info.config.allow_atomic_publish {
                 return Err(SinkError::AtomicDisabled { stream: name });
             }
             let window = info.config.duplicate_window;
@@ -100,6 +99,19 @@ impl<T> JetStreamSink<T> {
             self.fence = self.read_fence().await?;
         }
         Ok(())
+    }
+
+    /// `stream` and the streams that capture `subjects`, each once.
+    async fn streams_capturing(&self, stream: Option<&String>, subjects: &[String]) -> Vec<String> {
+        let mut names: Vec<String> = stream.into_iter().cloned().collect();
+        for subject in subjects {
+            if let Ok(name) = self.context.stream_by_subject(subject.clone()).await
+                && !names.contains(&name)
+            {
+                names.push(name);
+            }
+        }
+        names
     }
 
     /// Every stream of the account with its subjects and its last message: publishes are
