@@ -277,18 +277,7 @@ impl StreamAudit {
 /// Audits the stream (and the table), prints the report; an error when something was found.
 pub async fn execute(args: VerifyArgs) -> Result<(), VerifyError> {
     let (urls, auth) = args.nats.resolve()?;
-    let client = auth
-        .connect_options(&urls)
-        .await?
-        .connection_timeout(std::time::Duration::from_secs(5))
-        .connect(urls.addresses())
-        .await
-        .map_err(|e| SinkError::Connect {
-            target: urls.to_string(),
-            detail: e.to_string(),
-            transient: true,
-        })?;
-    let context = async_nats::jetstream::new(client);
+    let context = async_nats::jetstream::new(auth.connect_once(&urls).await?);
     let start = match (&args.since_sequence, &args.since_time) {
         (Some(sequence), _) => StreamStart::Sequence(*sequence),
         (None, Some(time)) => StreamStart::Time(

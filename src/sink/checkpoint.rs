@@ -84,18 +84,7 @@ impl Checkpoint {
             bucket: bucket.to_owned(),
             detail,
         };
-        let client = auth
-            .connect_options(urls)
-            .await?
-            .connection_timeout(Duration::from_secs(5))
-            .connect(urls.addresses())
-            .await
-            .map_err(|e| SinkError::Connect {
-                target: urls.to_string(),
-                detail: e.to_string(),
-                transient: true,
-            })?;
-        let context = jetstream::new(client);
+        let context = jetstream::new(auth.connect_once(urls).await?);
         let store = match context.get_key_value(bucket).await {
             Ok(store) => store,
             Err(e) if e.kind() == jetstream::context::KeyValueErrorKind::GetBucket => {

@@ -222,6 +222,21 @@ impl NatsAuth {
         }
         Ok(options)
     }
+
+    /// A plain client for a one-off read (`status`, `verify`): no reconnect tuning, a failure
+    /// to connect is the caller's to report.
+    pub async fn connect_once(&self, urls: &NatsUrls) -> Result<async_nats::Client, SinkError> {
+        self.connect_options(urls)
+            .await?
+            .connection_timeout(Duration::from_secs(5))
+            .connect(urls.addresses())
+            .await
+            .map_err(|e| SinkError::Connect {
+                target: urls.to_string(),
+                detail: e.to_string(),
+                transient: true,
+            })
+    }
 }
 
 fn require_file(path: &Path, flag: &str) -> Result<(), String> {
