@@ -136,3 +136,81 @@ async fn two_tables_with_the_same_ids_in_one_publication_collide_in_nothing() {
         publisher.log()
     );
 }
+
+/// A backfill's messages carry no WAL position. When they end a stream, a restart resumes after
+/// the newest event before them that has one — not on the duplicate window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backfill_at_the_stream_end_does_not_hide_the_resume_point() {
+    let env = TestEnv::start().await;
+    let js = env.jetstream().await;
+    js.create_stream(stream::Config {
+        name: env.stream.clone(),
+        subjects: vec![format!("{}.>", env.subject_prefix)],
+        duplicate_window: Duration::from_secs(1),
+        ..Default::default()
+    })
+    .await
+    .expect("create stream");
+    let sql = env.sql().await;
+    // Rows from before the slot: only a backfill publishes them.
+    write_events(&sql, "old", 5, 5).await;
+    // PostgreSQL and the checkpoint hear nothing before the kill: the restart reads it all again.
+    let mut args = env.publisher_args();
+    set_arg(&mut args, "--status-interval", "10min");
+    let mut publisher = Publisher::start(&args);
+    publisher
+        .wait_for_log("this instance is the leader", Duration::from_secs(30))
+        .await;
+    write_events(&sql, "live", 50, 5).await;
+    wait_for_messages(&js, &env.stream, 50, Duration::from_secs(60), || {
+        publisher.log()
+    })
+    .await;
+    publisher.kill9();
+    let confirmed: String = sql
+        .query_one(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+            &[&SLOT],
+        )
+        .await
+        .expect("slot")
+        .get(0);
+    let stream = read_stream(&js, &env.stream).await;
+    let last_lsn = header(&stream[49], "Outbox-Commit-Lsn").expect("a live event's LSN");
+    let lsn = |text: &str| text.parse::<outbox_cdc::lsn::Lsn>().expect("an LSN");
+    assert!(
+        lsn(&confirmed) < lsn(last_lsn),
+        "the slot must still hold the published events (confirmed {confirmed}, last {last_lsn})"
+    );
+
+    let mut backfill = vec!["backfill".to_owned()];
+    backfill.extend(env.publisher_args());
+    backfill.extend(["--where", "aggregate_id LIKE 'old-%'"].map(String::from));
+    let output = run_command(&backfill.iter().map(String::as_str).collect::<Vec<_>>());
+    let text = output_text(&output);
+    assert!(output.status.success(), "{text}");
+    assert!(text.contains("published 5,"), "{text}");
+    // Longer than the duplicate window: JetStream has forgotten the live events' ids.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    let mut publisher = env.publisher(&[]);
+    publisher
+        .wait_for_log("this instance is the leader", Duration::from_secs(30))
+        .await;
+    write_events(&sql, "after", 1, 1).await;
+    wait_for_messages(&js, &env.stream, 56, Duration::from_secs(60), || {
+        publisher.log()
+    })
+    .await;
+    let text = wait_for_metric(&publisher, "outbox_cdc_in_flight", 0.0).await;
+    assert!(publisher.terminate(Duration::from_secs(30)).await.success());
+    assert_eq!(
+        metric(&text, "outbox_cdc_events_already_stored_total"),
+        Some(50.0),
+        "{text}"
+    );
+    let stream = read_stream(&js, &env.stream).await;
+    let ids: HashSet<&str> = stream.iter().map(|m| m.id.as_str()).collect();
+    assert_eq!(stream.len(), 56, "the live events were stored again");
+    assert_eq!(ids.len(), 56);
+}

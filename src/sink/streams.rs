@@ -10,6 +10,7 @@ use async_nats::jetstream::{self, consumer, stream};
 use super::error::get_stream_error;
 use super::fence::{Fence, StoredEvent, StreamEnd, StreamSummary};
 use super::{JetStreamSink, MIN_SAFE_DUPLICATE_WINDOW, SinkConfig, SinkError};
+use crate::event::header;
 
 impl<T> JetStreamSink<T> {
     /// Creates the configured stream if missing, checks the duplicate window of the streams
@@ -141,7 +142,13 @@ impl<T> JetStreamSink<T> {
             let last = if info.state.messages == 0 || info.config.subjects.is_empty() {
                 None
             } else {
-                self.last_message(&name, info.state.last_sequence).await?
+                match self.last_message(&name, info.state.last_sequence).await? {
+                    Some(headers) if headers.get(header::BACKFILL).is_some() => {
+                        Some(self.behind_backfill(&name, &headers, &info.state).await?)
+                    }
+                    Some(headers) => Some(StoredEvent::from_headers(&headers)),
+                    None => None,
+                }
             };
             streams.push(StreamSummary {
                 name,
@@ -157,24 +164,73 @@ impl<T> JetStreamSink<T> {
         Ok(fence)
     }
 
-    /// What the message at `sequence` says of its event; None when it is gone (deleted, or
-    /// removed by the stream's limits meanwhile).
+    /// The headers of the message at `sequence`; None when it is gone (deleted, or removed by
+    /// the stream's limits meanwhile).
     async fn last_message(
         &self,
         name: &str,
         sequence: u64,
-    ) -> Result<Option<StoredEvent>, SinkError> {
+    ) -> Result<Option<HeaderMap>, SinkError> {
         let stream = self
             .context
             .get_stream_no_info(name)
             .await
             .map_err(|e| get_stream_error(name, e))?;
         match stream.get_raw_message(sequence).await {
-            Ok(message) => Ok(Some(StoredEvent::from_headers(&message.headers))),
+            Ok(message) => Ok(Some(message.headers)),
             Err(e) if e.kind() == stream::RawMessageErrorKind::NoMessageFound => Ok(None),
             Err(e) => Err(SinkError::StreamUnavailable(format!(
                 "reading the last message of stream `{name}`: {e}"
             ))),
+        }
+    }
+
+    /// A stream whose last message is a backfilled one (`last`): that message has no WAL
+    /// position, so the stream's resume point is the newest message before it that has one.
+    /// Fencing makes the stream a chain, so everything before that message is stored too.
+    /// The predecessor the next publish names stays the stream's last message. Searched
+    /// backwards, headers-only, over at most [`BACKFILL_SEARCH_LIMIT`] messages; when none
+    /// carries a position, the checkpoint and the duplicate window are what is left, and a
+    /// warning says so.
+    async fn behind_backfill(
+        &self,
+        name: &str,
+        last: &HeaderMap,
+        state: &stream::State,
+    ) -> Result<StoredEvent, SinkError> {
+        let mut resume = StoredEvent::from_headers(last);
+        let mut span = 256;
+        loop {
+            let from = state
+                .last_sequence
+                .saturating_sub(span - 1)
+                .max(state.first_sequence);
+            let mut newest = None;
+            read_headers(&self.context, name, StreamStart::Sequence(from), |stored| {
+                if stored.sequence <= state.last_sequence {
+                    let event = StoredEvent::from_headers(&stored.headers);
+                    if event.commit_lsn.is_some() {
+                        newest = Some(event);
+                    }
+                }
+            })
+            .await?;
+            if let Some(newest) = newest {
+                resume.commit_lsn = newest.commit_lsn;
+                resume.row_index = newest.row_index;
+                resume.commit_time = newest.commit_time;
+                return Ok(resume);
+            }
+            if from == state.first_sequence || span >= BACKFILL_SEARCH_LIMIT {
+                tracing::warn!(stream = %name, searched = state.last_sequence - from + 1,
+                    "stream `{name}` ends with backfilled messages and none of the last {} \
+                     carries a WAL position: what the slot repeats is skipped up to the \
+                     checkpoint, and after that only JetStream's duplicate window keeps it \
+                     from being stored twice",
+                    state.last_sequence - from + 1);
+                return Ok(resume);
+            }
+            span = (span * 16).min(BACKFILL_SEARCH_LIMIT);
         }
     }
 
@@ -215,6 +271,10 @@ impl<T> JetStreamSink<T> {
         Ok(ids)
     }
 }
+
+/// How far back a session looks, past a backfill at a stream's end, for the newest event with
+/// a WAL position: reading 65,536 messages' headers takes about a second.
+const BACKFILL_SEARCH_LIMIT: u64 = 65_536;
 
 /// Where to start reading a stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
