@@ -483,22 +483,10 @@ impl Catalog {
         &self,
         slot: &SlotName,
     ) -> Result<pgwire_replication::ReplicationClient, SourceError> {
-        let db = &self.database;
-        let config = pgwire_replication::ReplicationConfig::new(
-            self.host.name.clone(),
-            db.user.clone(),
-            db.password
-                .as_ref()
-                .map(|p| p.expose().to_owned())
-                .unwrap_or_default(),
-            db.dbname.clone(),
-            slot.as_str(),
-            // Not used: the session never starts streaming.
-            "unused",
-        )
-        .with_port(self.host.port)
-        .with_tls(db.replication_tls(&self.host))
-        .with_application_name(db.application_name.clone());
+        // The publication is not used: the session never starts streaming.
+        let config = self
+            .database
+            .replication_config(&self.host, slot.as_str(), "unused");
         pgwire_replication::ReplicationClient::connect_gated(config)
             .await
             .map_err(|e| SourceError::from_wire(slot, e))

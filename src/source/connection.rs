@@ -578,6 +578,30 @@ impl DatabaseUrl {
         }
     }
 
+    /// A replication connection to `host` for `slot` (and `publication`, when it streams): who
+    /// connects, where, over what TLS, under which application name.
+    pub fn replication_config(
+        &self,
+        host: &Host,
+        slot: &str,
+        publication: &str,
+    ) -> pgwire_replication::ReplicationConfig {
+        pgwire_replication::ReplicationConfig::new(
+            host.name.clone(),
+            self.user.clone(),
+            self.password
+                .as_ref()
+                .map(|p| p.expose().to_owned())
+                .unwrap_or_default(),
+            self.dbname.clone(),
+            slot,
+            publication,
+        )
+        .with_port(host.port)
+        .with_tls(self.replication_tls(host))
+        .with_application_name(self.application_name.clone())
+    }
+
     /// TLS settings for a replication connection to `host`.
     pub fn replication_tls(&self, host: &Host) -> TlsConfig {
         let mode = match self.sslmode {

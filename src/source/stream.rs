@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use pgwire_replication::{ReplicationClient, ReplicationConfig, ReplicationEvent};
+use pgwire_replication::{ReplicationClient, ReplicationEvent};
 
 use super::catalog::Catalog;
 use super::liveness::Liveness;
@@ -143,26 +143,14 @@ impl ReplicationStream {
     ) -> Result<PendingStream, SourceError> {
         let db = &config.database;
         let host = catalog.host();
-        let mut wire = ReplicationConfig::new(
-            host.name.clone(),
-            db.user.clone(),
-            db.password
-                .as_ref()
-                .map(|p| p.expose().to_owned())
-                .unwrap_or_default(),
-            db.dbname.clone(),
-            config.slot.as_str(),
-            config.publication.as_str(),
-        )
-        .with_port(host.port)
-        .with_tls(db.replication_tls(host))
-        // 0/0: the server starts at the slot's confirmed position. A slot cannot rewind.
-        .with_start_lsn(pgwire_replication::Lsn::from_u64(0))
-        .with_status_interval(config.status_interval)
-        .with_wakeup_interval(config.status_interval)
-        // pgoutput sends values in the session's output format: make bytea unambiguous.
-        .with_options("-c bytea_output=hex")
-        .with_application_name(db.application_name.clone());
+        let mut wire = db
+            .replication_config(host, config.slot.as_str(), config.publication.as_str())
+            // 0/0: the server starts at the slot's confirmed position. A slot cannot rewind.
+            .with_start_lsn(pgwire_replication::Lsn::from_u64(0))
+            .with_status_interval(config.status_interval)
+            .with_wakeup_interval(config.status_interval)
+            // pgoutput sends values in the session's output format: make bytea unambiguous.
+            .with_options("-c bytea_output=hex");
         // Until told otherwise the worker reports its start LSN as flushed; 0/0 would be
         // ignored by the server, but be explicit.
         if !confirmed.is_zero() {
