@@ -46,7 +46,7 @@ use futures::StreamExt;
 use outbox_cdc::Lsn;
 use outbox_cdc::embedded::find_postgres_binary;
 use outbox_cdc::event::{EventRef, OutboxEvent};
-use outbox_cdc::sink::{JetStreamSink, NatsAuth, SinkConfig};
+use outbox_cdc::sink::{JetStreamSink, NatsAuth, Outgoing, SinkConfig};
 use serde::Serialize;
 use support::{Publisher, Received, TestEnv, env_or, unique};
 
@@ -458,10 +458,10 @@ async fn raw_publish(nats_url: &str, messages: &[Received], settings: &Settings)
     let config = SinkConfig {
         urls: nats_url.parse().expect("the test's NATS URL"),
         auth: NatsAuth::default(),
-        stream: None,
+        streams: Vec::new(),
         capture_subjects: Vec::new(),
         event_subjects: Vec::new(),
-        duplicate_window: Duration::from_secs(600),
+        checkpoint_replicas: None,
         ack_timeout: Duration::from_secs(10),
         max_in_flight: settings.window,
         fencing: !settings.extra_args.iter().any(|a| a == "--no-fencing"),
@@ -484,7 +484,12 @@ async fn raw_publish(nats_url: &str, messages: &[Received], settings: &Settings)
                     let (_, ack) = sink.next_ack().await;
                     ack.expect("raw publish acked");
                 }
-                sink.publish(message, event, (), true)
+                let outgoing = Outgoing {
+                    message,
+                    event,
+                    tag: (),
+                };
+                sink.publish(outgoing, true)
                     .await
                     .expect("raw publish sent");
             }

@@ -5,17 +5,23 @@
 //!
 //! `cargo bench --bench hot_path` reports time per event (Criterion) and, first, allocations per
 //! event, counted by a global allocator wrapper over a fixed number of iterations.
+//!
+//! With `OUTBOX_CDC_HOT_PATH_EVENTS=N` it skips Criterion and runs the whole per-event path N
+//! times — decode, map, event reference, the sink's fencing and expectation header, the
+//! watermark — for an instruction count that does not depend on the machine's load:
+//! `valgrind --tool=callgrind` at two values of N, the difference divided by the difference of N
+//! is instructions per event (docs/benchmarks.md, *Build profiles*).
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::hint::black_box;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
-use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{Criterion, Throughput, criterion_group};
 use outbox_cdc::Lsn;
 use outbox_cdc::event::{EventRef, OutboxEvent};
 use outbox_cdc::pipeline::Watermark;
-use outbox_cdc::pipeline::mapping::{MappingConfig, TableMapping, TransactionContext};
+use outbox_cdc::pipeline::mapping::{MappingConfig, TableMapping, TransactionContext, WalRow};
 use outbox_cdc::sink::Fence;
 use outbox_cdc::sink::fence::{StoredEvent, StreamSummary};
 use outbox_cdc::source::pgoutput::{self, Message, encode};
@@ -129,9 +135,11 @@ fn map(mapping: &TableMapping, frame: &Bytes, txn: &TransactionContext) -> (Outb
     let Ok(Message::Insert(insert)) = pgoutput::decode(frame) else {
         panic!("the insert frame decodes");
     };
-    let event = mapping
-        .map(&insert.tuple, frame, txn, 0)
-        .expect("the row maps");
+    let row = WalRow {
+        tuple: insert.tuple,
+        frame,
+    };
+    let event = mapping.map(&row, txn, 0).expect("the row maps");
     let reference = mapping.event_ref(&event, txn.commit_lsn, 0);
     (event, reference)
 }
@@ -247,5 +255,68 @@ fn hot_path(c: &mut Criterion) {
     group.finish();
 }
 
+/// One event from the WAL to the moment the sink hands it to the NATS client, as
+/// `JetStreamSink::publish` prepares it: mapped, named, checked against its stream's last event,
+/// the predecessor's id in the expectation header, then recorded as the next predecessor.
+fn publish_prep(
+    mapping: &TableMapping,
+    frame: &Bytes,
+    txn: &TransactionContext,
+    fence: &mut Fence,
+) -> OutboxEvent {
+    let (mut event, reference) = map(mapping, frame, txn);
+    let stream = fence
+        .stream_of(event.subject.as_str())
+        .expect("a stream captures the subject");
+    assert!(!fence.already_stored(stream, &reference));
+    if let Some(previous) = fence.expected_last(stream) {
+        event.headers.insert(
+            async_nats::header::NATS_EXPECTED_LAST_MESSAGE_ID,
+            previous.clone(),
+        );
+    }
+    fence.sent(stream, event.id.clone());
+    event
+}
+
+/// `events` events in 100-row transactions through [`publish_prep`] and the watermark.
+fn fixed_events(events: u64) {
+    let frame = insert_frame();
+    let mapping = bound_mapping();
+    let txn = TransactionContext::new(Lsn::new(0x16_B374_D848), 817_000_000_000_000);
+    let mut fence = fence();
+    let mut watermark = Watermark::new(Lsn::new(0));
+    let mut commit = 0;
+    let mut done = 0;
+    while done < events {
+        let rows = (events - done).min(100);
+        watermark.begin();
+        for _ in 0..rows {
+            black_box(publish_prep(&mapping, black_box(&frame), &txn, &mut fence));
+            watermark.published();
+        }
+        commit += 1_000;
+        watermark.commit(Lsn::new(commit), Lsn::new(commit + 8));
+        for _ in 0..rows {
+            black_box(watermark.acked());
+        }
+        done += rows;
+    }
+    println!("{events} events through the hot path");
+}
+
 criterion_group!(benches, hot_path);
-criterion_main!(benches);
+
+fn main() {
+    if let Ok(events) = std::env::var("OUTBOX_CDC_HOT_PATH_EVENTS") {
+        fixed_events(
+            events
+                .parse()
+                .expect("OUTBOX_CDC_HOT_PATH_EVENTS is a number"),
+        );
+        return;
+    }
+    // What `criterion_main!` expands to.
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what outbox-cdc's tests, demo and CI need and a fresh machine may lack:
-# PostgreSQL server binaries (initdb, pg_ctl, pg_recvlogical), nats-server, promtool, and the
-# rustfmt/clippy/nextest tools. Idempotent: installs only what is missing.
+# PostgreSQL server binaries (initdb, pg_ctl, pg_recvlogical), nats-server, promtool, valgrind,
+# and the rustfmt/clippy/nextest tools. Idempotent: installs only what is missing.
 set -euo pipefail
 
 have_pg_bin() {
@@ -17,6 +17,8 @@ command -v psql >/dev/null 2>&1 || apt_packages+=(postgresql-client)
 command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ] || apt_packages+=(nats-server)
 # promtool checks and unit-tests the alert rules in deploy/prometheus (make lint).
 command -v promtool >/dev/null 2>&1 || apt_packages+=(prometheus)
+# valgrind counts the hot path's instructions (scripts/hot-path-instructions.sh, make bench-smoke).
+command -v valgrind >/dev/null 2>&1 || apt_packages+=(valgrind)
 
 if [ ${#apt_packages[@]} -gt 0 ]; then
   echo "installing ${apt_packages[*]} from Debian's packages" >&2

@@ -32,3 +32,24 @@ AS $$
         'payload', payload,
         'headers', headers)::text)
 $$;
+
+-- outbox_annotate(…) attaches headers to every event its transaction publishes after it, rows
+-- and messages alike, for `outbox-cdc run --annotation-prefix outbox-annotations`: W3C trace
+-- context without a column. Call it first in the transaction.
+--
+--   BEGIN;
+--     SELECT outbox_annotate('{"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}');
+--     INSERT INTO outbox (…) VALUES (…);
+--   COMMIT;
+--
+-- A member whose name JetStream or outbox-cdc gives meaning to (`Nats-…`, `Outbox-…`) makes the
+-- annotation a poison row (`--on-error`).
+
+CREATE OR REPLACE FUNCTION outbox_annotate(
+    headers jsonb,
+    prefix  text DEFAULT 'outbox-annotations'
+) RETURNS pg_lsn
+LANGUAGE sql VOLATILE
+AS $$
+    SELECT pg_logical_emit_message(true, prefix, headers::text)
+$$;

@@ -476,7 +476,7 @@ impl EmbeddedNats {
         Ok(server)
     }
 
-    fn start_process(&mut self) -> Result<(), EmbeddedError> {
+    fn write_config(&self) -> Result<PathBuf, EmbeddedError> {
         let config = self.dir.path().join("nats.conf");
         std::fs::write(
             &config,
@@ -488,6 +488,11 @@ impl EmbeddedNats {
             ),
         )
         .map_err(io("writing nats.conf"))?;
+        Ok(config)
+    }
+
+    fn start_process(&mut self) -> Result<(), EmbeddedError> {
+        let config = self.write_config()?;
         let log = std::fs::File::create(self.dir.path().join("nats.log"))
             .map_err(io("creating the NATS log"))?;
         let child = Command::new(&self.binary)
@@ -535,6 +540,30 @@ impl EmbeddedNats {
     pub fn restart(&mut self) -> Result<(), EmbeddedError> {
         self.kill();
         self.start_process()
+    }
+
+    /// The server's log (with `trace: true` in the configuration, every protocol operation).
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("nats.log")
+    }
+
+    /// Replaces the extra configuration text and has the running server reload it (SIGHUP):
+    /// what nats-server can change live, such as users and their permissions, applies to new
+    /// connections at once.
+    pub fn reload_with_config(&mut self, extra_config: &str) -> Result<(), EmbeddedError> {
+        self.extra_config = extra_config.to_owned();
+        self.write_config()?;
+        let pid = self.pid().ok_or_else(|| EmbeddedError::Failed {
+            what: "nats-server reload".into(),
+            detail: "the server is not running".into(),
+        })?;
+        // SAFETY: sending a signal to our own child process.
+        if unsafe { libc::kill(pid as i32, libc::SIGHUP) } != 0 {
+            return Err(io("signalling nats-server to reload")(
+                std::io::Error::last_os_error(),
+            ));
+        }
+        Ok(())
     }
 }
 

@@ -13,7 +13,7 @@ use crate::lsn::Lsn;
 /// The headers outbox-cdc sets on every event. They win over user headers of the same name.
 pub mod header {
     /// The event id: JetStream de-duplicates by it.
-    pub const MSG_ID: &str = "Nats-Msg-Id";
+    pub use async_nats::header::NATS_MESSAGE_ID as MSG_ID;
     /// The commit LSN of the row's transaction (`X/Y`).
     pub const COMMIT_LSN: &str = "Outbox-Commit-Lsn";
     /// `schema.table` of the row.

@@ -87,11 +87,13 @@ async fn readyz(State(stats): State<Arc<Stats>>) -> impl IntoResponse {
 }
 
 async fn metrics(State(stats): State<Arc<Stats>>) -> impl IntoResponse {
+    let text = stats.encode();
+    stats.scraped();
     (
         [(
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        stats.encode(),
+        text,
     )
 }

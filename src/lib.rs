@@ -27,3 +27,12 @@ pub mod subject;
 pub mod tls;
 
 pub use lsn::Lsn;
+
+/// The version `--version` and the start-up log line name, with the commit it was built from
+/// (`unknown` outside a git checkout; see `build.rs`).
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("OUTBOX_CDC_COMMIT"),
+    ")"
+);

@@ -7,13 +7,17 @@ use tokio::sync::watch;
 use tracing_subscriber::EnvFilter;
 
 // The hot path allocates a few small buffers per event (message headers, the publish's reply
-// subject); mimalloc serves them faster than glibc's malloc (docs/benchmarks.md).
+// subject); mimalloc serves them faster than glibc's malloc (docs/design.md, "One thread").
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Every error that ends the process is printed the same way, last, on stderr:
+/// `error: <message>`. Flag, value and config file errors exit 2 before anything starts (clap's
+/// own add the usage); the others exit 1, and with `--log-format json` are also logged as an
+/// ERROR record for log pipelines.
 fn main() -> ExitCode {
-    let cli = match parse_cli(std::env::args_os()) {
-        Ok(Invocation::Command(cli)) => cli,
+    let (log_format, task) = match parse_cli(std::env::args_os()) {
+        Ok(Invocation::Task { log_format, task }) => (log_format, task),
         Ok(Invocation::PrintConfig(text)) => {
             print!("{text}");
             return ExitCode::SUCCESS;
@@ -25,32 +29,34 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_logging(cli.log_format);
+    init_logging(log_format);
     let _ = rustls::crypto::ring::default_provider().install_default();
     // One thread: the pipeline, the replication reader and the NATS connection hand each row to
-    // one another, and on one thread that costs no cross-thread wake-ups (docs/benchmarks.md).
-    let runtime = match tokio::runtime::Builder::new_current_thread()
+    // one another, and on one thread that costs no cross-thread wake-ups (docs/design.md).
+    let outcome = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
-        Ok(runtime) => runtime,
-        Err(err) => {
-            eprintln!("error: cannot start the async runtime: {err}");
-            return ExitCode::FAILURE;
-        }
+        Ok(runtime) => runtime.block_on(async {
+            let shutdown = shutdown_signal()
+                .map_err(|e| (ExitCode::FAILURE, format!("cannot watch for signals: {e}")))?;
+            commands::execute(task, shutdown).await.map_err(|e| {
+                let code = if e.is_usage() { 2 } else { 1 };
+                (ExitCode::from(code), e.to_string())
+            })
+        }),
+        Err(err) => Err((
+            ExitCode::FAILURE,
+            format!("cannot start the async runtime: {err}"),
+        )),
     };
-    let outcome = runtime.block_on(async {
-        let shutdown = shutdown_signal()
-            .map_err(|e| (ExitCode::FAILURE, format!("cannot watch for signals: {e}")))?;
-        commands::execute(cli.command, shutdown).await.map_err(|e| {
-            let code = if e.is_usage() { 2 } else { 1 };
-            (ExitCode::from(code), e.to_string())
-        })
-    });
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err((code, err)) => {
-            tracing::error!("{err}");
+            if log_format == LogFormat::Json {
+                tracing::error!("{err}");
+            }
+            eprintln!("error: {err}");
             code
         }
     }

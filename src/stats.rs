@@ -1,6 +1,13 @@
 //! The process's counters and gauges, updated on the hot path with relaxed atomics and exposed
 //! by the HTTP endpoint in Prometheus text format. No label carries a subject or an id: label
 //! values are fixed sets, so the number of series is bounded.
+//!
+//! Every series of a labelled counter exists from the start, at 0: each label value comes from
+//! its enum's `ALL` ([`SkipReason`], [`PoisonKind`] × [`PoisonAction`], [`Fallback`],
+//! [`PublishErrorKind`]). Prometheus sees a counter's first increment only as a change from a
+//! value it scraped before: a series born at 1 has no `increase()`, so an alert on the first
+//! poison row of a kind — or on the one that stops the process right after it — would never
+//! fire.
 
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -10,6 +17,10 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+
+use crate::pipeline::Fallback;
+use crate::pipeline::poison::PoisonKind;
+use crate::sink::PublishErrorKind;
 
 type U64Gauge = Gauge<u64, AtomicU64>;
 type Label = [(&'static str, &'static str); 1];
@@ -60,7 +71,7 @@ pub enum SkipReason {
 }
 
 impl SkipReason {
-    const ALL: [SkipReason; 6] = [
+    pub const ALL: [SkipReason; 6] = [
         SkipReason::Update,
         SkipReason::Delete,
         SkipReason::Truncate,
@@ -94,6 +105,26 @@ impl SkippedChanges {
     }
 }
 
+/// What was done with a poison row: the `action` label of `poison_rows_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoisonAction {
+    /// Published to the dead-letter subject in its place (`--on-error dead-letter`).
+    DeadLetter,
+    /// The process stopped at it (`--on-error fail`, or a dead letter JetStream refused).
+    Fail,
+}
+
+impl PoisonAction {
+    pub const ALL: [PoisonAction; 2] = [PoisonAction::DeadLetter, PoisonAction::Fail];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PoisonAction::DeadLetter => "dead_letter",
+            PoisonAction::Fail => "fail",
+        }
+    }
+}
+
 pub struct Stats {
     /// Events JetStream stored.
     pub published: Counter,
@@ -120,6 +151,11 @@ pub struct Stats {
     role: AtomicU8,
     /// Unix milliseconds of the pipeline's last sign of life.
     heartbeat_ms: AtomicU64,
+    /// `/metrics` reads answered, the Unix milliseconds of the last one, and the time between
+    /// the last two.
+    scrapes: AtomicU64,
+    last_scrape_ms: AtomicU64,
+    scrape_interval_ms: AtomicU64,
     registry: Registry,
 }
 
@@ -146,6 +182,9 @@ impl Default for Stats {
             role_gauges: Family::default(),
             role: AtomicU8::new(Role::Starting as u8),
             heartbeat_ms: AtomicU64::new(now_ms()),
+            scrapes: AtomicU64::new(0),
+            last_scrape_ms: AtomicU64::new(0),
+            scrape_interval_ms: AtomicU64::new(0),
             registry: Registry::with_prefix("outbox_cdc"),
         };
         stats.register()
@@ -241,6 +280,29 @@ impl Stats {
             self.role_gauges.clone(),
         );
         self.set_role(Role::Starting);
+        // Every labelled series at 0 from the start (see the module doc).
+        for reason in SkipReason::ALL {
+            self.skipped
+                .get_or_create(&[("reason", reason.as_str())])
+                .inc_by(0);
+        }
+        for kind in PoisonKind::ALL {
+            for action in PoisonAction::ALL {
+                self.poison_rows
+                    .get_or_create(&[("kind", kind.as_str()), ("action", action.as_str())])
+                    .inc_by(0);
+            }
+        }
+        for reason in Fallback::ALL {
+            self.atomic_fallbacks
+                .get_or_create(&[("reason", reason.as_str())])
+                .inc_by(0);
+        }
+        for kind in PublishErrorKind::ALL {
+            self.publish_errors
+                .get_or_create(&[("kind", kind.as_str())])
+                .inc_by(0);
+        }
         self
     }
 
@@ -270,22 +332,24 @@ impl Stats {
             .map_or(0, |c| c.get())
     }
 
-    /// A row that could not be published as itself, and what was done: `dead_letter` or `fail`.
-    pub fn poison_row(&self, kind: &'static str, action: &'static str) {
+    /// A row that could not be published as itself, and what was done with it.
+    pub fn poison_row(&self, kind: PoisonKind, action: PoisonAction) {
         self.poison_rows
-            .get_or_create(&[("kind", kind), ("action", action)])
+            .get_or_create(&[("kind", kind.as_str()), ("action", action.as_str())])
             .inc();
     }
 
     /// A transaction published event by event under `--atomic-transactions`, and why.
-    pub fn atomic_fallback(&self, reason: &'static str) {
+    pub fn atomic_fallback(&self, reason: Fallback) {
         self.atomic_fallbacks
-            .get_or_create(&[("reason", reason)])
+            .get_or_create(&[("reason", reason.as_str())])
             .inc();
     }
 
-    pub fn publish_error(&self, kind: &'static str) {
-        self.publish_errors.get_or_create(&[("kind", kind)]).inc();
+    pub fn publish_error(&self, kind: PublishErrorKind) {
+        self.publish_errors
+            .get_or_create(&[("kind", kind.as_str())])
+            .inc();
     }
 
     /// Records the commit→ack latency of a transaction committed at `commit_time`.
@@ -316,6 +380,28 @@ impl Stats {
     /// The pipeline (or the supervisor) is alive.
     pub fn beat(&self) {
         self.heartbeat_ms.store(now_ms(), Ordering::Relaxed);
+    }
+
+    /// `/metrics` was read (and its text made).
+    pub fn scraped(&self) {
+        let now = now_ms();
+        let last = self.last_scrape_ms.swap(now, Ordering::Relaxed);
+        if last > 0 {
+            self.scrape_interval_ms
+                .store(now.saturating_sub(last), Ordering::Relaxed);
+        }
+        self.scrapes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// How many times `/metrics` was read.
+    pub fn scrapes(&self) -> u64 {
+        self.scrapes.load(Ordering::Relaxed)
+    }
+
+    /// The time between the last two reads of `/metrics`, once there were two.
+    pub fn scrape_interval(&self) -> Option<Duration> {
+        (self.scrapes() >= 2)
+            .then(|| Duration::from_millis(self.scrape_interval_ms.load(Ordering::Relaxed)))
     }
 
     pub fn since_last_beat(&self) -> Duration {
@@ -364,7 +450,7 @@ mod tests {
         skipped.add(SkipReason::Update);
         skipped.add(SkipReason::BeforeStartLsn);
         stats.transaction_read(&skipped);
-        stats.publish_error("too_large");
+        stats.publish_error(PublishErrorKind::TooLarge);
         stats.server_wal_end.set(1_000);
         stats.confirmed_lsn.set(400);
         stats.set_role(Role::Leader);
@@ -385,11 +471,104 @@ mod tests {
         }
         assert_eq!(stats.role(), Role::Leader);
         assert_eq!(stats.skipped_count(SkipReason::Update), 2);
-        assert_eq!(
-            stats.skipped_count(SkipReason::Delete),
-            0,
-            "no series for a reason not seen"
-        );
-        assert!(!text.contains("reason=\"delete\""), "{text}");
+        assert_eq!(stats.skipped_count(SkipReason::Delete), 0);
+    }
+
+    /// Every series a labelled counter can have is in `/metrics` from the start, at 0, so that
+    /// `increase()` sees its first increment. The label values come from the enums, as in
+    /// `Stats::register`; the expected lines are spelled out here.
+    #[test]
+    fn every_labelled_series_is_exposed_at_zero_from_the_start() {
+        let text = Stats::default().encode();
+        let mut expected = Vec::new();
+        for reason in [
+            "update",
+            "delete",
+            "truncate",
+            "other",
+            "before_start_lsn",
+            "non_transactional_message",
+        ] {
+            expected.push(format!(
+                "outbox_cdc_rows_skipped_total{{reason=\"{reason}\"}} 0"
+            ));
+        }
+        for kind in ["unmappable", "too_large", "no_stream", "rejected"] {
+            for action in ["dead_letter", "fail"] {
+                expected.push(format!(
+                    "outbox_cdc_poison_rows_total{{kind=\"{kind}\",action=\"{action}\"}} 0"
+                ));
+            }
+        }
+        for reason in [
+            "too_many_events",
+            "dead_letter",
+            "refused",
+            "unknown_stream",
+            "several_streams",
+            "message_too_large",
+        ] {
+            expected.push(format!(
+                "outbox_cdc_atomic_fallbacks_total{{reason=\"{reason}\"}} 0"
+            ));
+        }
+        for kind in [
+            "connect",
+            "disconnected",
+            "stream_setup",
+            "checkpoint",
+            "no_stream",
+            "too_large",
+            "rejected",
+            "fenced",
+            "atomic_duplicate",
+            "atomic_refused",
+            "publish",
+            "permission",
+            "stream_full",
+        ] {
+            expected.push(format!(
+                "outbox_cdc_publish_errors_total{{kind=\"{kind}\"}} 0"
+            ));
+        }
+        for line in &expected {
+            assert!(
+                text.lines().any(|l| l == line),
+                "{line} missing from\n{text}"
+            );
+        }
+        // Nothing else: each family has exactly these series.
+        for family in [
+            "outbox_cdc_rows_skipped_total{",
+            "outbox_cdc_poison_rows_total{",
+            "outbox_cdc_atomic_fallbacks_total{",
+            "outbox_cdc_publish_errors_total{",
+        ] {
+            let exposed = text.lines().filter(|l| l.starts_with(family)).count();
+            let wanted = expected.iter().filter(|l| l.starts_with(family)).count();
+            assert_eq!(exposed, wanted, "{family}\n{text}");
+        }
+        // Each enum's `ALL` holds every label value once.
+        for (family, values) in [
+            (
+                "rows_skipped",
+                SkipReason::ALL.map(SkipReason::as_str).to_vec(),
+            ),
+            (
+                "poison_kind",
+                PoisonKind::ALL.map(PoisonKind::as_str).to_vec(),
+            ),
+            (
+                "atomic_fallbacks",
+                Fallback::ALL.map(Fallback::as_str).to_vec(),
+            ),
+            (
+                "publish_errors",
+                PublishErrorKind::ALL.map(PublishErrorKind::as_str).to_vec(),
+            ),
+        ] {
+            let unique: std::collections::HashSet<&str> = values.iter().copied().collect();
+            assert_eq!(unique.len(), values.len(), "{family}: {values:?}");
+        }
     }
 }

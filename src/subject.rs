@@ -235,6 +235,22 @@ pub fn add_capture_filter(filters: &mut Vec<String>, filter: &str) {
     filters.push(filter.to_owned());
 }
 
+/// Whether some subject matches both filters (two streams may not capture the same subject).
+pub fn filters_overlap(a: &str, b: &str) -> bool {
+    let (Ok(a), Ok(b)) = (tokens(a), tokens(b)) else {
+        return false;
+    };
+    for i in 0..a.len().max(b.len()) {
+        match (a.get(i), b.get(i)) {
+            (Some(Token::Rest), Some(_)) | (Some(_), Some(Token::Rest)) => return true,
+            (Some(Token::Literal(x)), Some(Token::Literal(y))) if x != y => return false,
+            (Some(_), Some(_)) => {}
+            _ => return false,
+        }
+    }
+    true
+}
+
 /// Whether every subject `inner` matches is matched by `outer`.
 fn covers(outer: &[Token], inner: &[Token]) -> bool {
     for (i, o) in outer.iter().enumerate() {
@@ -264,6 +280,26 @@ fn render(tokens: &[Token]) -> String {
 impl fmt::Display for SubjectRule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.text)
+    }
+}
+
+#[cfg(test)]
+mod overlap_tests {
+    use super::filters_overlap;
+
+    #[test]
+    fn filters_overlap_when_a_subject_matches_both() {
+        for (a, b, overlap) in [
+            ("outbox.>", "outbox.billing.>", true),
+            ("outbox.*.created", "outbox.order.*", true),
+            ("orders.>", "billing.>", false),
+            ("outbox.a", "outbox.a.b", false),
+            ("outbox.*", "outbox.a.b", false),
+            ("outbox.a", "outbox.a", true),
+        ] {
+            assert_eq!(filters_overlap(a, b), overlap, "{a} {b}");
+            assert_eq!(filters_overlap(b, a), overlap, "{b} {a}");
+        }
     }
 }
 

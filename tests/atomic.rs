@@ -6,7 +6,7 @@
 
 mod support;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, stream};
@@ -165,20 +165,125 @@ fn transactions(committed: &[CommittedRow]) -> HashMap<&str, (u64, usize, usize)
         .collect()
 }
 
-/// The id of the stream's last message, as a consumer reading to the end sees it.
+/// The id of the stream's last message, as a consumer reading to the end sees it: one request
+/// (the last message on any subject), which the server answers either before or after a batch
+/// it is storing. (Reading the stream's last sequence first and then that message can land in
+/// the middle of a batch being stored.)
 async fn last_stored_id(js: &jetstream::Context, stream: &str) -> Option<String> {
-    let mut s = js.get_stream(stream).await.ok()?;
-    let last = s.info().await.ok()?.state.last_sequence;
-    if last == 0 {
-        return None;
-    }
-    let message = s.get_raw_message(last).await.ok()?;
+    let s = js.get_stream_no_info(stream).await.ok()?;
+    let message = s.get_last_raw_message_by_subject(">").await.ok()?;
     message
         .headers
         .get("Nats-Msg-Id")
         .map(|v| v.as_str().to_owned())
 }
 
+/// Reads the stream's last message every 20 ms, as a consumer reading to the end would see
+/// it, for as long as the faults last: each reading must be the last event of a transaction.
+struct LastMessageSampler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<Vec<String>>,
+}
+
+impl LastMessageSampler {
+    fn start(env: &TestEnv) -> LastMessageSampler {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let (url, stream) = (env.nats_url.clone(), env.stream.clone());
+        let task = tokio::spawn(async move {
+            let client = async_nats::connect(url).await.expect("sampler connects");
+            let js = jetstream::new(client);
+            let mut samples: Vec<String> = Vec::new();
+            while !flag.load(Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                if let Some(id) = last_stored_id(&js, &stream).await
+                    && samples.last() != Some(&id)
+                {
+                    samples.push(id);
+                }
+            }
+            samples
+        });
+        LastMessageSampler { stop, task }
+    }
+
+    async fn finish(self) -> Vec<String> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.task.await.expect("sampler")
+    }
+}
+
+/// Every transaction of several events is in the stream as one atomic batch: its messages
+/// carry one `Nats-Batch-Id`, and no other message does.
+fn assert_whole_batches(stream: &[Received], committed: &[CommittedRow]) {
+    let txns = transactions(committed);
+    let mut batches: HashMap<u64, HashSet<Option<&str>>> = HashMap::new();
+    for message in stream {
+        let (commit, _, size) = txns[message.id.as_str()];
+        if size > 1 {
+            batches
+                .entry(commit)
+                .or_default()
+                .insert(header(message, "Nats-Batch-Id"));
+        }
+    }
+    let torn: Vec<_> = batches
+        .iter()
+        .filter(|(_, ids)| ids.len() != 1 || ids.contains(&None))
+        .collect();
+    assert!(
+        torn.is_empty(),
+        "transactions not stored as one batch (commit, batch ids): {torn:?}"
+    );
+}
+
+/// Which of the instances leads (its /readyz says `leader`), waiting up to a minute.
+async fn leader_of(instances: &[Publisher]) -> usize {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        for (i, instance) in instances.iter().enumerate() {
+            let addr = instance.http_addr().await;
+            let (_, body) = tokio::task::spawn_blocking(move || http_get(&addr, "/readyz"))
+                .await
+                .expect("join");
+            if body.trim() == "leader" {
+                return i;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no instance became the leader:\n{}",
+            instances
+                .iter()
+                .map(Publisher::log)
+                .collect::<Vec<_>>()
+                .join("\n---\n")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The readings that ended inside a transaction: (reading, event of its transaction, size).
+fn inside_a_transaction(
+    samples: &[String],
+    committed: &[CommittedRow],
+) -> Vec<(String, usize, usize)> {
+    let txns = transactions(committed);
+    samples
+        .iter()
+        .filter_map(|id| {
+            let (_, at, size) = txns
+                .get(id.as_str())
+                .unwrap_or_else(|| panic!("sampled {id}, which is no committed row"));
+            (at + 1 != *size).then(|| (id.clone(), at + 1, *size))
+        })
+        .collect()
+}
+
+/// The guarantee of `--atomic-transactions` at every moment: a reader sampling the stream's end
+/// while the publisher is killed (and, racing for the slot, a second instance takes over) never
+/// sees it end inside a transaction.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_batch_never_leaves_part_of_a_transaction_in_the_stream() {
     let total: u64 = env_or("OUTBOX_CDC_ATOMIC_EVENTS", 30_000);
@@ -195,52 +300,80 @@ async fn kill_9_mid_batch_never_leaves_part_of_a_transaction_in_the_stream() {
     )
     .await;
     let oracle = env.oracle().await;
-    let args = ["--atomic-transactions"];
-    let mut publisher = env.publisher(&args);
+    let args = ["--atomic-transactions", "--standby-retry", "100ms"];
+    let publisher = env.publisher(&args);
     publisher
         .wait_for_log("this instance is the leader", Duration::from_secs(30))
         .await;
     let sampler = Sampler::start(&env, SLOT);
-    // Transactions of 1 to 40 events: most of them batches, several in flight at any time.
-    let writers = Workload::start(&env, "w", 2, total, 40, Duration::from_millis(1));
+    let ends = LastMessageSampler::start(&env);
+    // Transactions of 1 to 50 events: most of them batches, several in flight at any time.
+    let writers = Workload::start(&env, "w", 2, total, 50, Duration::from_millis(1));
     let mut chaos = Chaos::new();
-    let mut ends = Vec::new();
+    // A second instance waits for the slot throughout; after each kill the two race for it,
+    // and the killed one comes back.
+    let mut instances = [publisher, env.publisher(&args)];
+    let mut killed = Vec::new();
     for round in 1..=4 {
         writers.wait_written(total * round / 5).await;
         tokio::time::sleep(chaos.between(Duration::ZERO, Duration::from_millis(200))).await;
-        publisher.kill9();
-        // Batches the dead publisher had sent are committed or dropped by now.
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        // What a consumer reading to the end of the stream sees now: whole transactions.
-        let last = last_stored_id(&js, &env.stream).await;
-        let committed = oracle.rows(&env).await;
-        let txns = transactions(&committed);
-        if let Some(last) = last {
-            let (_, at, size) = txns[last.as_str()];
-            ends.push((at + 1, size));
-            assert_eq!(
-                at + 1,
-                size,
-                "after kill -9 #{round} the stream ends inside a transaction: its event {} of {size}",
-                at + 1
-            );
-        }
-        publisher = env.publisher(&args);
-        publisher
-            .wait_for_log("this instance is the leader", Duration::from_secs(60))
-            .await;
+        let leader = leader_of(&instances).await;
+        instances[leader].kill9();
+        let dead = std::mem::replace(&mut instances[leader], env.publisher(&args));
+        killed.push(dead);
+        leader_of(&instances).await;
     }
     writers.finish(false).await;
+    // One instance stops; the other finishes alone.
+    let [mut publisher, mut standby] = instances;
+    let status = standby.terminate(Duration::from_secs(30)).await;
+    assert!(status.success(), "{}", standby.log());
+    leader_of(std::slice::from_ref(&publisher)).await;
     let committed = oracle.rows(&env).await;
     let (stream, text) = stored_after_clean_stop(&env, &mut publisher, committed.len()).await;
     assert!(
         metric(&text, "outbox_cdc_atomic_batches_total").unwrap_or(0.0) > 0.0,
         "{text}"
     );
+    let readings = ends.finish().await;
+    let torn = inside_a_transaction(&readings, &committed);
+    println!(
+        "ATOMIC {} readings of the stream's end, {} inside a transaction",
+        readings.len(),
+        torn.len()
+    );
+    assert!(
+        readings.len() >= 100,
+        "too few readings to judge: {}",
+        readings.len()
+    );
+    assert!(
+        torn.is_empty(),
+        "a reader saw the stream end inside a transaction (id, event, of size): {torn:?}"
+    );
+    // A batch the killed instance had sent, stored after the next session read the stream's
+    // end, makes JetStream refuse that session's batch as a duplicate: it reads the stream
+    // again, and never publishes the transaction event by event.
+    let logs: Vec<String> = killed
+        .iter()
+        .chain([&publisher, &standby])
+        .map(Publisher::log)
+        .collect();
+    let looked_again = logs
+        .iter()
+        .map(|log| log.matches("reading the stream's end again").count())
+        .sum::<usize>();
+    println!("ATOMIC batches refused as duplicates after a kill, looked for again: {looked_again}");
+    for log in &logs {
+        assert!(
+            !log.contains("event by event") && !log.contains("a second time"),
+            "{log}"
+        );
+    }
+    assert_whole_batches(&stream, &committed);
     let samples = sampler.finish().await;
-    println!("ATOMIC stream ends at each kill (event of transaction size): {ends:?}");
     verdict(
-        "kill -9 x4 mid-batch, --atomic-transactions",
+        "kill -9 x4 mid-batch, --atomic-transactions, a standby racing",
         4,
         &[],
         &stream,
@@ -410,4 +543,53 @@ async fn transactions_that_cannot_be_one_batch_go_out_event_by_event_in_order() 
         .filter_map(|m| header(m, "Outbox-Error-Kind"))
         .collect();
     assert_eq!(dead_letters, ["unmappable", "rejected"]);
+}
+
+/// An id twice in one transaction (a non-unique id column): JetStream refuses a batch holding
+/// it twice, and one by one it would store the transaction's events one at a time. It goes out
+/// as one batch, the repeated id once — what JetStream's de-duplication makes of it anyway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_id_twice_in_one_transaction_still_goes_out_as_one_batch() {
+    let env = TestEnv::start().await;
+    let js = env.jetstream().await;
+    if !takes_atomic_batches(&js).await {
+        return;
+    }
+    let subjects = [format!("{}.>", env.subject_prefix)];
+    create_stream(&env, &env.stream, &subjects, true).await;
+    let publisher = env.publisher(&["--atomic-transactions", "--id-column", "aggregate_id"]);
+    publisher
+        .wait_for_log("this instance is the leader", Duration::from_secs(30))
+        .await;
+    env.sql()
+        .await
+        .batch_execute(
+            "BEGIN;
+             INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)
+             SELECT 'order', k, 'created', '{}' FROM unnest(ARRAY['a', 'b', 'a', 'c']) k;
+             COMMIT;",
+        )
+        .await
+        .expect("insert");
+    wait_for_messages(&js, &env.stream, 3, Duration::from_secs(60), || {
+        publisher.log()
+    })
+    .await;
+    let text = wait_for_metric(&publisher, "outbox_cdc_in_flight", 0.0).await;
+    let stream = read_stream(&js, &env.stream).await;
+    let ids: Vec<&str> = stream.iter().map(|m| m.id.as_str()).collect();
+    assert_eq!(ids, ["a", "b", "c"], "{}", publisher.log());
+    let batch: HashSet<Option<&str>> = stream.iter().map(|m| header(m, "Nats-Batch-Id")).collect();
+    assert_eq!(batch.len(), 1, "one batch: {batch:?}");
+    assert!(!batch.contains(&None), "one batch: {batch:?}");
+    assert_eq!(
+        metric(&text, "outbox_cdc_atomic_batches_total"),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "outbox_cdc_events_duplicate_total"),
+        Some(1.0),
+        "{text}"
+    );
 }

@@ -11,7 +11,7 @@ use support::*;
 
 fn command(env: &TestEnv, sub: &str, extra: &[&str]) -> (bool, String) {
     let mut args: Vec<String> = vec![sub.into()];
-    args.extend(env.publisher_args());
+    args.extend(env.backfill_args());
     args.extend(extra.iter().map(|s| s.to_string()));
     let output = run_command(&args.iter().map(String::as_str).collect::<Vec<_>>());
     (output.status.success(), output_text(&output))
@@ -44,7 +44,7 @@ async fn backfill_after_a_dropped_slot_brings_the_stream_to_the_table() {
 
     // What it would do, then do it.
     let (ok, dry) = tokio::task::spawn_blocking({
-        let env_args = (env.publisher_args(), env.database_url.clone());
+        let env_args = (env.backfill_args(), env.database_url.clone());
         move || {
             let mut args: Vec<String> = vec!["backfill".into()];
             args.extend(env_args.0);

@@ -221,3 +221,70 @@ async fn invalid_flags_are_rejected_before_connecting() {
         assert!(!log.contains("s3cret"), "password in the log: {log}");
     }
 }
+
+/// The postmaster's pid, from its data directory.
+fn postmaster_pid(env: &TestEnv) -> String {
+    let pg = env.embedded_postgres().expect("embedded server");
+    let pid_file = pg.socket_dir().join("data").join("postmaster.pid");
+    std::fs::read_to_string(&pid_file)
+        .expect("postmaster.pid")
+        .lines()
+        .next()
+        .expect("a pid")
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_timeout_bounds_a_server_that_does_not_answer() {
+    let env = TestEnv::start().await;
+    if env.embedded_postgres().is_none() {
+        eprintln!("skipped: needs an embedded PostgreSQL to freeze");
+        return;
+    }
+    let pid = postmaster_pid(&env);
+    let url = format!(
+        "{}&connect_timeout=2",
+        env.database_url // already has ?sslmode=disable
+    );
+    // Frozen: the kernel still accepts connections, nobody answers the startup message.
+    let signal = |sig: &str| {
+        let status = std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill {sig} {pid}");
+    };
+    signal("-STOP");
+    let started = std::time::Instant::now();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_outbox-cdc"))
+        .args(["status", "--database-url", &url])
+        .env_remove("DATABASE_URL")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start status");
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break Some(status);
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let elapsed = started.elapsed();
+    signal("-CONT");
+    let output = child.wait_with_output().expect("output");
+    let text = output_text(&output);
+    let status = status.unwrap_or_else(|| panic!("still waiting after 30 s:\n{text}"));
+    assert_eq!(status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("no connection within connect_timeout (2s)"),
+        "{text}"
+    );
+    assert!(elapsed < Duration::from_secs(10), "{elapsed:?}");
+    // Answering again, the same string connects.
+    let output = run_command(&["setup", "--database-url", &url]);
+    assert!(output.status.success(), "{}", output_text(&output));
+}

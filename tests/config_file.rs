@@ -1,5 +1,6 @@
 //! `run --config`: flags > environment > file > defaults, seen through `--print-config` of the
-//! real binary (the environment cannot be varied safely inside one test process).
+//! real binary (the environment cannot be varied safely inside one test process). The other
+//! commands' reading of the file: tests/cli.rs.
 
 use std::process::Command;
 
@@ -7,6 +8,7 @@ fn print_config(file: &std::path::Path, env: &[(&str, &str)], flags: &[&str]) ->
     let output = Command::new(env!("CARGO_BIN_EXE_outbox-cdc"))
         .args(["run", "--print-config", "--config"])
         .arg(file)
+        .args(["--database-url", "postgres://app@db/app"])
         .args(flags)
         .env_remove("OUTBOX_CDC_MAX_IN_FLIGHT")
         .env_remove("OUTBOX_CDC_SLOT")
@@ -56,7 +58,12 @@ fn the_file_can_come_from_the_environment() {
     let file = dir.path().join("outbox-cdc.toml");
     std::fs::write(&file, "slot = \"env_file_slot\"\n").expect("write");
     let output = Command::new(env!("CARGO_BIN_EXE_outbox-cdc"))
-        .args(["run", "--print-config"])
+        .args([
+            "run",
+            "--print-config",
+            "--database-url",
+            "postgres://app@db/app",
+        ])
         .env("OUTBOX_CDC_CONFIG", &file)
         .env_remove("OUTBOX_CDC_SLOT")
         .output()

@@ -176,6 +176,8 @@ async fn with_fail_a_poison_row_stops_the_process_and_a_restart_meets_it_again()
     assert_eq!(exit_code(status), Some(1), "{log}");
     assert!(log.contains(NO_STREAM), "names the event: {log}");
     assert!(log.contains(".invoice.created"), "names the subject: {log}");
+    // Nothing read /metrics: it exits at once.
+    assert!(!log.contains("waiting for /metrics"), "{log}");
 
     // The row is not skipped: the slot stays before it, and a restart stops on it again.
     let mut publisher = env.publisher(&[]);
@@ -189,4 +191,34 @@ async fn with_fail_a_poison_row_stops_the_process_and_a_restart_meets_it_again()
         1,
         "only the good row"
     );
+}
+
+/// A process that stops at a poison row counts it and exits; Prometheus sees that count only if
+/// it reads `/metrics` in between. So when something reads `/metrics`, the process waits for
+/// its next read (as long as between the last two, plus a second) before exiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_at_a_poison_row_waits_for_the_next_metrics_read() {
+    let env = TestEnv::start().await;
+    narrow_stream(&env).await;
+    let mut publisher = env.publisher(&[]);
+    publisher
+        .wait_for_log("this instance is the leader", Duration::from_secs(30))
+        .await;
+    let fail = "outbox_cdc_poison_rows_total{kind=\"no_stream\",action=\"fail\"}";
+    // A scraper reading every 2 s.
+    assert_eq!(metric(&metrics_of(&publisher).await, fail), Some(0.0));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(metric(&metrics_of(&publisher).await, fail), Some(0.0));
+    insert(&env, "invoice", NO_STREAM, "'{\"n\":4}'", "NULL").await;
+    publisher
+        .wait_for_log(
+            "waiting for /metrics to be read once more",
+            Duration::from_secs(30),
+        )
+        .await;
+    assert_eq!(metric(&metrics_of(&publisher).await, fail), Some(1.0));
+    let status = publisher.wait_exit(Duration::from_secs(5)).await;
+    let log = publisher.log();
+    assert_eq!(exit_code(status), Some(1), "{log}");
+    assert!(log.contains(NO_STREAM), "{log}");
 }

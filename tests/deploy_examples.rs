@@ -92,21 +92,73 @@ fn docker_compose_runs_the_distributed_demo() {
     }
 }
 
+/// A health check runs inside its container. The plain `nats` image is the nats-server binary
+/// alone (`FROM scratch`): no shell, no wget, no curl, so such a check never passes and nothing
+/// that waits for the service to be healthy ever starts.
+#[test]
+fn compose_health_checks_run_with_what_their_image_has() {
+    let docs = load("docker/docker-compose.yml");
+    let services = docs[0]["services"].as_hash().expect("services");
+    let mut nats_checked = 0;
+    for (name, service) in services {
+        let name = name.as_str().expect("a service name");
+        let image = service["image"].as_str().unwrap_or_default();
+        let check = &service["healthcheck"]["test"];
+        if check.is_badvalue() {
+            continue;
+        }
+        // The string form and CMD-SHELL run /bin/sh.
+        let words = match check.as_str() {
+            Some(line) => vec!["CMD-SHELL".to_owned(), line.to_owned()],
+            None => strings(check),
+        };
+        let image_name = image.rsplit('/').next().unwrap_or(image);
+        let (repository, tag) = image_name.split_once(':').unwrap_or((image_name, "latest"));
+        if repository == "nats" {
+            nats_checked += 1;
+            if !tag.contains("alpine") {
+                let needs = words.iter().find(|w| {
+                    let w = w.as_str();
+                    w == "CMD-SHELL" || w.contains("wget") || w.contains("curl")
+                });
+                assert!(
+                    needs.is_none(),
+                    "service {name}: `{image}` is a scratch image with nats-server alone; its \
+                     health check needs {needs:?} (use a `nats:…-alpine` image, whose busybox \
+                     has wget)"
+                );
+            }
+        }
+    }
+    assert!(nats_checked > 0, "the NATS service is health-checked");
+}
+
 #[test]
 fn the_dockerfile_is_multi_stage_and_runs_as_non_root() {
     let text = std::fs::read_to_string(root().join("docker/Dockerfile")).expect("Dockerfile");
     assert!(text.lines().filter(|l| l.starts_with("FROM ")).count() >= 2);
     assert!(text.contains("USER nonroot"));
-    // Every path it copies exists.
+    // Every path it copies exists (a wildcard may match nothing, as with BuildKit).
     for line in text
         .lines()
         .filter(|l| l.starts_with("COPY ") && !l.contains("--from"))
     {
         let parts: Vec<&str> = line.split_whitespace().collect();
         for source in &parts[1..parts.len() - 1] {
+            if source.contains(['*', '?', '[']) {
+                continue;
+            }
             assert!(root().join(source).exists(), "COPY {source}: missing");
         }
     }
+    // Health and metrics reachable from outside the container, on the port it declares. (`make
+    // image-replay` builds the stage and checks the binary takes this variable.)
+    let last_stage = text.rsplit("\nFROM ").next().expect("a final stage");
+    assert!(
+        last_stage.contains("\nENV OUTBOX_CDC_HTTP_ADDR=0.0.0.0:9187\n"),
+        "{last_stage}"
+    );
+    assert!(last_stage.contains("\nEXPOSE 9187\n"), "{last_stage}");
 }
 
 #[test]
@@ -179,19 +231,25 @@ fn kubernetes_sidecar_has_a_liveness_probe_only_two_replicas_and_a_valid_config(
     );
     assert!(config.contains("stream = \"ORDERS\"  # flag"), "{config}");
     assert!(!config.contains("change-me"), "{config}");
+    // `kubectl exec … outbox-cdc status` (or setup) in the container inspects the slot the
+    // ConfigMap names, with the container's environment.
+    for command in ["status", "setup"] {
+        let config = print_config(&[command.to_owned()], &env);
+        assert!(
+            config.contains("slot = \"orders_outbox\"  # config file"),
+            "{command}: {config}"
+        );
+        assert!(!config.contains("change-me"), "{config}");
+    }
 }
 
 /// Every series the alert rules and the Grafana dashboard query exists in outbox-cdc's
 /// `/metrics`, so a renamed metric cannot leave an alert that never fires.
 #[test]
 fn alert_rules_and_dashboard_query_only_metrics_outbox_cdc_exposes() {
-    use outbox_cdc::stats::{SkipReason, Stats};
-    let stats = Stats::default();
-    // Labelled families show in the exposition once they have a series.
-    stats.publish_error("publish");
-    stats.skipped(SkipReason::Update, 1);
-    stats.poison_row("unmappable", "fail");
-    let exposition = stats.encode();
+    use outbox_cdc::stats::Stats;
+    // Every labelled series is exposed from the start (at 0), as a fresh process shows it.
+    let exposition = Stats::default().encode();
     let mut exposed = std::collections::BTreeSet::new();
     for line in exposition.lines() {
         let Some(rest) = line.strip_prefix("# TYPE ") else {
@@ -250,6 +308,8 @@ fn alert_rules_and_dashboard_query_only_metrics_outbox_cdc_exposes() {
         "OutboxCdcNoLeader",
         "OutboxCdcNotReady",
         "OutboxCdcPoisonRowStopped",
+        "OutboxCdcPoisonRowDeadLettered",
+        "OutboxCdcAtomicFallback",
         "OutboxCdcReconnectStorm",
     ] {
         assert!(alerts.contains(&wanted), "{wanted} in {alerts:?}");
@@ -258,5 +318,15 @@ fn alert_rules_and_dashboard_query_only_metrics_outbox_cdc_exposes() {
         &std::fs::read_to_string(root().join("deploy/grafana/outbox-cdc.json")).expect("read"),
     )
     .expect("the dashboard is JSON");
-    assert!(dashboard["panels"].as_array().is_some_and(|p| p.len() >= 8));
+    let panels = dashboard["panels"].as_array().expect("panels");
+    assert!(panels.len() >= 8);
+    let queries = serde_json::to_string(panels).expect("JSON");
+    for family in [
+        "outbox_cdc_poison_rows_total",
+        "outbox_cdc_atomic_fallbacks_total",
+        "outbox_cdc_publish_errors_total",
+        "outbox_cdc_rows_skipped_total",
+    ] {
+        assert!(queries.contains(family), "the dashboard shows {family}");
+    }
 }

@@ -613,33 +613,6 @@ async fn huge_transaction_with_the_publisher_killed_halfway() {
         .await;
 }
 
-/// Three `nats-server`s in a cluster on loopback.
-async fn nats_cluster() -> Vec<outbox_cdc::embedded::EmbeddedNats> {
-    let ports: Vec<u16> = (0..3)
-        .map(|_| outbox_cdc::embedded::free_port().expect("port"))
-        .collect();
-    let routes: Vec<String> = ports
-        .iter()
-        .map(|p| format!("nats-route://127.0.0.1:{p}"))
-        .collect();
-    let mut nodes = Vec::new();
-    for (i, port) in ports.iter().enumerate() {
-        let config = format!(
-            "server_name: n{i}\ncluster {{ name: outbox_test, listen: 127.0.0.1:{port}, routes: [{}] }}",
-            routes.join(", ")
-        );
-        nodes.push(
-            tokio::task::spawn_blocking(move || {
-                outbox_cdc::embedded::EmbeddedNats::start_with_config(&config)
-            })
-            .await
-            .expect("join")
-            .expect("start cluster node"),
-        );
-    }
-    nodes
-}
-
 /// The port of the server the publisher connected to last (async-nats logs it).
 fn connected_port(publisher: &Publisher) -> Option<u16> {
     let log = publisher.log();

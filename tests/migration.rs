@@ -65,15 +65,28 @@ const INSERT: &str = "INSERT INTO outbox (aggregate_type, event_type, payload)
                       SELECT 'order', 'created', jsonb_build_object('n', g)
                         FROM generate_series(1, $1::int) g";
 
-async fn switch_from(shape: &Shape) {
+/// How the switch begins.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Before {
+    /// The publication exists; `run --initial-backfill` creates the slot.
+    Nothing,
+    /// The README's way: `outbox-cdc setup --apply` first (the publication and the slot), then
+    /// `run --initial-backfill`.
+    SetupApply,
+}
+
+async fn switch_from(shape: &Shape, before: Before) {
     let env = TestEnv::start_bare(Default::default()).await;
     let sql = env.sql().await;
-    sql.batch_execute(&format!(
-        "{}; CREATE PUBLICATION outbox_pub FOR TABLE outbox WITH (publish = 'insert');",
-        shape.create
-    ))
-    .await
-    .expect("create the relay's table");
+    let publication = match before {
+        Before::Nothing => {
+            "CREATE PUBLICATION outbox_pub FOR TABLE outbox WITH (publish = 'insert');"
+        }
+        Before::SetupApply => "",
+    };
+    sql.batch_execute(&format!("{}; {publication}", shape.create))
+        .await
+        .expect("create the relay's table");
     env.create_stream().await;
     let js = env.jetstream().await;
 
@@ -136,6 +149,15 @@ async fn switch_from(shape: &Shape) {
     };
     while written.load(Ordering::Relaxed) < 150 {
         tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    if before == Before::SetupApply {
+        let output = run_command(&["setup", "--database-url", &env.database_url, "--apply"]);
+        let text = output_text(&output);
+        assert!(output.status.success(), "{text}");
+        assert!(
+            env.confirmed_flush_lsn("outbox_cdc").await.is_some(),
+            "setup --apply created the slot: {text}"
+        );
     }
     let publisher = env.publisher(&["--initial-backfill", shape.unsent, "--id-column", shape.id]);
     publisher
@@ -214,17 +236,60 @@ async fn switch_from(shape: &Shape) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn switch_from_a_relay_with_a_status_column() {
-    switch_from(&SHAPES[0]).await;
+    switch_from(&SHAPES[0], Before::Nothing).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn switch_from_a_relay_with_a_published_at_timestamp() {
-    switch_from(&SHAPES[1]).await;
+    switch_from(&SHAPES[1], Before::Nothing).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn switch_from_a_relay_with_a_sequence_number_and_a_flag() {
-    switch_from(&SHAPES[2]).await;
+    switch_from(&SHAPES[2], Before::Nothing).await;
+}
+
+/// The README's steps in order: `setup --apply` (which creates the slot), then
+/// `run --initial-backfill`: the slot never streamed, so it makes way for one created with the
+/// snapshot the unsent rows are selected in — every row once, none skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_steps_setup_apply_then_initial_backfill_publish_every_row_once() {
+    switch_from(&SHAPES[0], Before::SetupApply).await;
+}
+
+/// A slot events were published from, which the checkpoint does not know of: the rows the flag
+/// asks for cannot be selected in its snapshot, and dropping it could lose events. Refused at
+/// start (exit 2), naming the slot and the two ways on; nothing streams.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn initial_backfill_with_a_slot_that_streamed_is_refused_naming_the_ways_on() {
+    let env = TestEnv::start().await;
+    env.create_stream().await;
+    let js = env.jetstream().await;
+    let mut publisher = env.publisher(&[]);
+    publisher
+        .wait_for_log("this instance is the leader", Duration::from_secs(30))
+        .await;
+    write_events(&env.sql().await, "w", 10, 10).await;
+    wait_for_messages(&js, &env.stream, 10, Duration::from_secs(60), || {
+        publisher.log()
+    })
+    .await;
+    assert!(publisher.terminate(Duration::from_secs(30)).await.success());
+    let mut args = env.publisher_args();
+    set_arg(&mut args, "--checkpoint-bucket", "another_bucket");
+    args.extend(["--initial-backfill", "true"].map(String::from));
+    let mut refused = Publisher::start(&args);
+    let status = refused.wait_exit(Duration::from_secs(60)).await;
+    let log = refused.log();
+    assert_eq!(exit_code(status), Some(2), "{log}");
+    assert!(
+        log.contains("replication slot `outbox_cdc` exists already")
+            && log.contains("pg_drop_replication_slot('outbox_cdc')")
+            && log.contains("outbox-cdc backfill --where"),
+        "{log}"
+    );
+    assert!(!log.contains("this instance is the leader"), "{log}");
+    assert_eq!(stream_message_count(&js, &env.stream).await, 10);
 }
 
 /// A switch that ended before its snapshot's rows were all published (the process was killed):

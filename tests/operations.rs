@@ -151,11 +151,20 @@ async fn setup_explains_a_server_without_logical_wal() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_reports_the_slot_and_fails_when_it_is_missing() {
     let env = TestEnv::start().await;
-    let url = env.database_url.clone();
+    let (url, nats) = (env.database_url.clone(), env.nats_url.clone());
     let status = move |slot: &'static str| {
-        let url = url.clone();
+        let (url, nats) = (url.clone(), nats.clone());
         tokio::task::spawn_blocking(move || {
-            run_command(&["status", "--database-url", &url, "--slot", slot, "--json"])
+            run_command(&[
+                "status",
+                "--database-url",
+                &url,
+                "--nats-url",
+                &nats,
+                "--slot",
+                slot,
+                "--json",
+            ])
         })
     };
 

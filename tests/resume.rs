@@ -184,7 +184,7 @@ async fn a_backfill_at_the_stream_end_does_not_hide_the_resume_point() {
     );
 
     let mut backfill = vec!["backfill".to_owned()];
-    backfill.extend(env.publisher_args());
+    backfill.extend(env.backfill_args());
     backfill.extend(["--where", "aggregate_id LIKE 'old-%'"].map(String::from));
     let output = run_command(&backfill.iter().map(String::as_str).collect::<Vec<_>>());
     let text = output_text(&output);

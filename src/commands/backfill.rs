@@ -1,101 +1,159 @@
 //! `outbox-cdc backfill`: re-publishes rows from the outbox table with `run`'s mapping and
-//! flags (the same `--config`), skipping what the stream holds. A progress bar on a terminal,
+//! publishing flags (the same names, variables and config file keys), skipping what the stream
+//! holds. A progress bar on a terminal,
 //! plain log lines otherwise; a report of what it did at the end.
 
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
-use clap::Args;
+use clap::{ArgGroup, Args};
 
-use super::cli::ConfigError;
-use super::run::{RunArgs, parse_duration};
+use super::args::{
+    ConfigArgs, DatabaseArgs, MappingArgs, NatsArgs, PoisonArgs, PublicationArgs, PublishArgs,
+    WhereArgs, parse_duration, sink_config,
+};
+use super::error::ConfigError;
+use super::tables::{TableSections, table_streams};
 use crate::pipeline::backfill::{self, BackfillConfig, Progress, Rows, TableReport};
+use crate::pipeline::mapping::{Mappings, TableSettings};
 use crate::source::Catalog;
+use crate::source::connection::DatabaseUrl;
 
+/// `backfill` takes what `run` maps and publishes with, and what selects the rows; not what
+/// only streaming uses (the slot, its timeouts, replay, the HTTP endpoint).
 #[derive(Debug, Clone, Args)]
+#[command(group(ArgGroup::new("rows").required(true).args(["where_sql", "since_stream_end"])))]
 pub struct BackfillArgs {
     #[command(flatten)]
-    pub run: RunArgs,
+    pub database: DatabaseArgs,
 
-    /// Re-publish the rows this SQL condition selects, e.g. `created_at > now() - interval '1 hour'`.
-    #[arg(
-        long = "where",
-        value_name = "SQL",
-        required_unless_present = "since_stream_end",
-        conflicts_with = "since_stream_end"
-    )]
-    pub where_sql: Option<String>,
+    #[command(flatten)]
+    pub nats: NatsArgs,
 
-    /// Re-publish the rows created after the stream's last event (its Outbox-Commit-Time) minus
-    /// --margin: what a lost slot never delivered. All rows when the stream holds none.
+    #[command(flatten)]
+    pub publication: PublicationArgs,
+
+    #[command(flatten)]
+    pub mapping: MappingArgs,
+
+    #[command(flatten)]
+    pub publish: PublishArgs,
+
+    #[command(flatten)]
+    pub poison: PoisonArgs,
+
+    #[command(flatten)]
+    pub rows: WhereArgs,
+
+    /// Re-publish the rows created after the stream's last event, minus --margin
+    ///
+    /// After its Outbox-Commit-Time: what a lost slot never delivered. All rows when the stream
+    /// holds none.
     #[arg(long)]
     pub since_stream_end: bool,
 
-    /// How far before the stream's last event to start (clocks, and transactions that took long
-    /// between their insert and their commit).
-    #[arg(long, default_value = "1m", value_parser = parse_duration)]
+    /// How far before the stream's last event --since-stream-end starts
+    ///
+    /// For clocks, and transactions that took long between their insert and their commit.
+    #[arg(long, value_name = "DURATION", default_value = "1m", value_parser = parse_duration)]
     pub margin: Duration,
 
-    /// Columns to order the rows by (comma-separated). Default: the created-at column, then the
-    /// primary key; or the primary key alone.
+    /// Columns to order the rows by, comma-separated [default: the created-at column, then the primary key]
     #[arg(long, value_delimiter = ',', value_name = "COLUMNS")]
     pub order_by: Vec<String>,
 
-    /// The created-at column (for --since-stream-end and the default order).
+    /// The created-at column, for --since-stream-end and the default order [default: created_at when the table has it]
     #[arg(long, value_name = "COLUMN")]
     pub created_column: Option<String>,
 
-    /// Only this table of the publication (`table` or `schema.table`).
+    /// Only this table of the publication (`table` or `schema.table`)
     #[arg(long, value_name = "TABLE")]
-    pub table: Option<String>,
+    pub only_table: Option<String>,
 
-    /// Rows read and published at a time.
-    #[arg(long, default_value_t = 1000,
+    /// Rows read and published at a time
+    #[arg(long, value_name = "N", default_value_t = 1000,
           value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub batch_size: u32,
 
-    /// Say how many rows would be re-published, and the first and last, then stop.
+    /// Say how many rows would be re-published, and the first and last, then stop
     #[arg(long)]
     pub dry_run: bool,
+
+    #[command(flatten)]
+    pub config: ConfigArgs,
+}
+
+/// `backfill`, its flags checked.
+#[derive(Debug, Clone)]
+pub struct Backfill {
+    pub database: DatabaseUrl,
+    pub config: BackfillConfig,
+}
+
+impl BackfillArgs {
+    pub fn resolve(self) -> Result<Backfill, ConfigError> {
+        self.resolve_with(&TableSections::default())
+    }
+
+    /// Checks the flags, with the config file's per-table `sections`.
+    pub fn resolve_with(self, sections: &TableSections) -> Result<Backfill, ConfigError> {
+        let database = self.database.resolve()?;
+        let default = TableSettings {
+            mapping: self.mapping.resolve(&database.dbname)?,
+            on_error: self.poison.resolve()?,
+        };
+        let mappings = Mappings {
+            tables: sections.settings(&default)?,
+            default,
+        };
+        // Rows go out one by one: a backfill publishes no atomic batches.
+        let sink = sink_config(
+            &self.nats,
+            self.publish,
+            &mappings,
+            &table_streams(sections),
+            false,
+        )?;
+        Ok(Backfill {
+            database,
+            config: BackfillConfig {
+                publication: self.publication.publication,
+                sink,
+                mappings,
+                rows: match self.rows.where_sql {
+                    Some(condition) => Rows::Where(condition),
+                    None => Rows::SinceStreamEnd {
+                        margin: self.margin,
+                    },
+                },
+                table: self.only_table,
+                order_by: (!self.order_by.is_empty()).then_some(self.order_by),
+                created_column: self.created_column,
+                batch: self.batch_size as usize,
+                snapshot: None,
+                dry_run: self.dry_run,
+            },
+        })
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackfillError {
     #[error(transparent)]
-    Config(#[from] ConfigError),
-    #[error(transparent)]
     Pipeline(#[from] crate::pipeline::Error),
 }
 
 /// Runs the backfill and prints its report.
-pub async fn execute(args: BackfillArgs) -> Result<(), BackfillError> {
-    let config = args.run.clone().resolve()?;
-    let catalog = Catalog::connect(&config.source.database)
+pub async fn execute(backfill: Backfill) -> Result<(), BackfillError> {
+    let Backfill { database, config } = backfill;
+    let catalog = Catalog::connect(&database)
         .await
         .map_err(crate::pipeline::Error::from)?;
-    let backfill_config = BackfillConfig {
-        publication: config.source.publication.clone(),
-        sink: config.sink.clone(),
-        mapping: config.pipeline.mapping.clone(),
-        on_error: config.pipeline.on_error.clone(),
-        rows: match args.where_sql {
-            Some(condition) => Rows::Where(condition),
-            None => Rows::SinceStreamEnd {
-                margin: args.margin,
-            },
-        },
-        table: args.table,
-        order_by: (!args.order_by.is_empty()).then_some(args.order_by),
-        created_column: args.created_column,
-        batch: args.batch_size as usize,
-        snapshot: None,
-        dry_run: args.dry_run,
-    };
     let mut display = Display::new();
-    let reports = backfill::backfill(&backfill_config, &catalog, &mut display).await?;
+    let reports = backfill::backfill(&config, &catalog, &mut display).await?;
     display.finish();
     for report in &reports {
-        print!("{}", render(report, args.dry_run));
+        print!("{}", render(report, config.dry_run));
     }
     Ok(())
 }

@@ -10,6 +10,7 @@ use std::time::{Duration, SystemTime};
 use futures::StreamExt;
 use tokio::sync::watch;
 
+use super::args::ConfigArgs;
 use super::run::RunArgs;
 use super::setup::OUTBOX_SQL;
 use crate::embedded::{EmbeddedError, EmbeddedNats, EmbeddedPostgres, PostgresOptions};
@@ -26,14 +27,17 @@ const AGGREGATES: [(&str, &str); 4] = [
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct DemoArgs {
-    /// Sample events inserted per second.
+    /// Sample events inserted per second
     #[arg(long, env = "OUTBOX_CDC_DEMO_RATE", default_value_t = 5,
           value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub rate: u32,
 
-    /// Stop after this many events were received (default: run until Ctrl-C).
+    /// Stop after this many events were received [default: run until Ctrl-C]
     #[arg(long, env = "OUTBOX_CDC_DEMO_EVENTS")]
     pub events: Option<u64>,
+
+    #[command(flatten)]
+    pub config: ConfigArgs,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -104,7 +108,8 @@ pub async fn run(args: DemoArgs, mut shutdown: watch::Receiver<bool>) -> Result<
     ])
     .map_err(setup("demo configuration"))?
     .resolve()
-    .map_err(setup("demo configuration"))?;
+    .map_err(setup("demo configuration"))?
+    .config;
 
     // The publisher stops on the caller's shutdown or when enough events were seen.
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -141,7 +146,8 @@ pub async fn run(args: DemoArgs, mut shutdown: watch::Receiver<bool>) -> Result<
                     tracing::error!("the demo producer's insert failed: {e}");
                 }
             }
-            Some(message) = received.next() => {
+            // Up to --events: one inserted meanwhile is not counted.
+            Some(message) = received.next(), if args.events.is_none_or(|n| seen < n) => {
                 seen += 1;
                 let headers = message.headers.as_ref();
                 let id = headers.and_then(|h| h.get(header::MSG_ID)).map(|v| v.as_str()).unwrap_or("-");

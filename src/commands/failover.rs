@@ -5,9 +5,8 @@
 
 use serde::Serialize;
 
-use super::setup::AdminError;
 use crate::source::connection::DatabaseUrl;
-use crate::source::{Catalog, SlotName, SlotState};
+use crate::source::{Catalog, SlotName, SlotState, SourceError};
 
 /// One thing checked: fine, or what to change.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -58,7 +57,7 @@ pub async fn check(
     slot: &SlotName,
     slot_state: Option<&SlotState>,
     standbys: &[DatabaseUrl],
-) -> Result<FailoverStatus, AdminError> {
+) -> Result<FailoverStatus, SourceError> {
     let mut findings = Vec::new();
     let Some(primary) = catalog.primary_failover().await? else {
         findings.push(Finding::fix(format!(
@@ -148,7 +147,7 @@ async fn check_standby(
     url: &DatabaseUrl,
     slot: &SlotName,
     synchronized: &[String],
-) -> Result<(StandbyStatus, Vec<Finding>), AdminError> {
+) -> Result<(StandbyStatus, Vec<Finding>), SourceError> {
     let standby = Catalog::connect_any(url).await?;
     let name = url.to_string();
     let mut findings = Vec::new();

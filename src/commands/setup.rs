@@ -2,70 +2,16 @@
 //! publication, the slot (with failover on PostgreSQL 17+) — or prints the SQL for it, and says
 //! what a failover to a standby still needs.
 
-use super::cli::ConfigError;
+use super::args::{ConfigArgs, DatabaseArgs, PublicationArgs, SlotArgs, StandbyArgs};
+use super::error::{AdminError, ConfigError};
 use super::failover;
-use super::run::resolve_database_url;
 use crate::source::connection::DatabaseUrl;
-use crate::source::{Catalog, PublicationName, SlotName, SourceError};
+use crate::source::{Catalog, PublicationName, SlotName};
 
 /// The recommended table and publication, as shipped in `sql/outbox.sql`.
 pub const OUTBOX_SQL: &str = include_str!("../../sql/outbox.sql");
 /// `outbox_emit(…)`, the table-less outbox's writer: `pg_logical_emit_message(true, 'outbox', …)`.
 pub const OUTBOX_EMIT_SQL: &str = include_str!("../../sql/outbox_emit.sql");
-
-/// What `setup` and `status` can fail with.
-#[derive(Debug, thiserror::Error)]
-pub enum AdminError {
-    #[error(transparent)]
-    Config(#[from] ConfigError),
-    #[error(transparent)]
-    Source(#[from] SourceError),
-    #[error(
-        "replication slot `{slot}` does not exist; `outbox-cdc setup --apply` or the first `outbox-cdc run` creates it"
-    )]
-    SlotMissing { slot: String },
-    #[error(
-        "replication slot `{slot}` is invalidated (wal_status = lost): PostgreSQL removed WAL it still needed. Drop and recreate it (`SELECT pg_drop_replication_slot('{slot}');`), then re-publish what was missed from the table"
-    )]
-    SlotLost { slot: String },
-    #[error("the server is not ready for outbox-cdc: {0} problem(s) listed above")]
-    NotReady(usize),
-}
-
-/// Connection flags shared by `setup` and `status`.
-#[derive(Debug, Clone, clap::Args)]
-pub struct DatabaseArgs {
-    /// PostgreSQL URL [env: OUTBOX_CDC_DATABASE_URL, then DATABASE_URL]
-    #[arg(long, env = "OUTBOX_CDC_DATABASE_URL", hide_env_values = true)]
-    pub database_url: Option<String>,
-
-    /// Logical replication slot.
-    #[arg(long, env = "OUTBOX_CDC_SLOT", default_value = "outbox_cdc")]
-    pub slot: SlotName,
-
-    /// A standby to check for what failover needs (sync_replication_slots, hot_standby_feedback,
-    /// primary_conninfo with dbname, its physical slot) and whether it holds a synced copy of the
-    /// slot. Repeatable.
-    #[arg(long, value_name = "URL")]
-    pub standby_url: Vec<String>,
-}
-
-impl DatabaseArgs {
-    pub(super) async fn connect(&self) -> Result<Catalog, AdminError> {
-        let url: DatabaseUrl = resolve_database_url(self.database_url.clone())?;
-        Ok(Catalog::connect(&url).await?)
-    }
-
-    pub(super) fn standbys(&self) -> Result<Vec<DatabaseUrl>, AdminError> {
-        self.standby_url
-            .iter()
-            .map(|url| {
-                url.parse()
-                    .map_err(|e| AdminError::Config(ConfigError::DatabaseUrl(e)))
-            })
-            .collect()
-    }
-}
 
 /// One thing `setup` creates or changes.
 enum Step {
@@ -79,22 +25,54 @@ pub struct SetupArgs {
     #[command(flatten)]
     pub database: DatabaseArgs,
 
-    /// Publication of the outbox table.
-    #[arg(long, env = "OUTBOX_CDC_PUBLICATION", default_value = "outbox_pub")]
-    pub publication: PublicationName,
+    #[command(flatten)]
+    pub slot: SlotArgs,
 
-    /// The outbox table (optionally schema-qualified). Created from sql/outbox.sql when missing.
+    #[command(flatten)]
+    pub publication: PublicationArgs,
+
+    /// The outbox table (optionally schema-qualified), created from sql/outbox.sql when missing
     #[arg(long, env = "OUTBOX_CDC_TABLE", default_value = "outbox")]
     pub table: String,
 
-    /// Run the SQL instead of only printing it.
+    #[command(flatten)]
+    pub standbys: StandbyArgs,
+
+    /// Run the SQL instead of only printing it
     #[arg(long)]
+    pub apply: bool,
+
+    #[command(flatten)]
+    pub config: ConfigArgs,
+}
+
+/// `setup`, its flags checked.
+#[derive(Debug, Clone)]
+pub struct Setup {
+    pub database: DatabaseUrl,
+    pub slot: SlotName,
+    pub publication: PublicationName,
+    pub table: String,
+    pub standbys: Vec<DatabaseUrl>,
     pub apply: bool,
 }
 
+impl SetupArgs {
+    pub fn resolve(self) -> Result<Setup, ConfigError> {
+        Ok(Setup {
+            database: self.database.resolve()?,
+            slot: self.slot.slot,
+            publication: self.publication.publication,
+            table: self.table,
+            standbys: self.standbys.resolve()?,
+            apply: self.apply,
+        })
+    }
+}
+
 /// Checks the server, then prints (or, with `--apply`, runs) the SQL that is still missing.
-pub async fn setup(args: SetupArgs) -> Result<(), AdminError> {
-    let catalog = args.database.connect().await?;
+pub async fn setup(args: Setup) -> Result<(), AdminError> {
+    let catalog = Catalog::connect(&args.database).await?;
     let ready = catalog.readiness().await?;
     println!(
         "PostgreSQL {} as role `{}`",
@@ -110,8 +88,8 @@ pub async fn setup(args: SetupArgs) -> Result<(), AdminError> {
         println!("  !!  {problem}");
     }
 
-    let slot = &args.database.slot;
-    let standbys = args.database.standbys()?;
+    let slot = &args.slot;
+    let standbys = &args.standbys;
     let mut plan: Vec<(String, Step)> = Vec::new();
     let table_kind = catalog.relation_kind(&args.table).await?;
     match table_kind {
@@ -192,7 +170,7 @@ pub async fn setup(args: SetupArgs) -> Result<(), AdminError> {
         true => catalog.slot_state(slot).await?,
         false => slot_state,
     };
-    let failover = failover::check(&catalog, slot, slot_state.as_ref(), &standbys).await?;
+    let failover = failover::check(&catalog, slot, slot_state.as_ref(), standbys).await?;
     println!("failover to a standby:");
     print!("{}", failover::render(&failover.findings));
     if problems.is_empty() {

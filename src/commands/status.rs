@@ -5,34 +5,64 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
+use super::args::{
+    CheckpointArgs, ConfigArgs, DatabaseArgs, JsonArgs, NatsArgs, SlotArgs, StandbyArgs,
+};
+use super::error::{AdminError, ConfigError};
 use super::failover::{self, FailoverStatus};
-use super::run::NatsArgs;
-use super::setup::{AdminError, DatabaseArgs};
 use crate::lsn::Lsn;
 use crate::pipeline::ProgressRecord;
-use crate::sink::Checkpoint;
+use crate::sink::{Checkpoint, NatsAuth, NatsUrls};
+use crate::source::connection::DatabaseUrl;
+use crate::source::{Catalog, SlotName};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct StatusArgs {
     #[command(flatten)]
     pub database: DatabaseArgs,
 
-    /// Print one JSON object instead of text.
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub slot: SlotArgs,
 
-    /// With a NATS URL (flag, OUTBOX_CDC_NATS_URL or NATS_URL), also show the checkpoint:
-    /// where `run` got to.
+    #[command(flatten)]
+    pub standbys: StandbyArgs,
+
+    // NATS, for the checkpoint: where `run` got to (a note says why when it is not read).
     #[command(flatten)]
     pub nats: NatsArgs,
 
-    /// KV bucket of the checkpoint.
-    #[arg(
-        long,
-        env = "OUTBOX_CDC_CHECKPOINT_BUCKET",
-        default_value = "outbox_cdc"
-    )]
+    #[command(flatten)]
+    pub checkpoint: CheckpointArgs,
+
+    #[command(flatten)]
+    pub output: JsonArgs,
+
+    #[command(flatten)]
+    pub config: ConfigArgs,
+}
+
+/// `status`, its flags checked.
+#[derive(Debug, Clone)]
+pub struct Status {
+    pub database: DatabaseUrl,
+    pub slot: SlotName,
+    pub standbys: Vec<DatabaseUrl>,
+    pub nats: (NatsUrls, NatsAuth),
     pub checkpoint_bucket: String,
+    pub json: bool,
+}
+
+impl StatusArgs {
+    pub fn resolve(self) -> Result<Status, ConfigError> {
+        Ok(Status {
+            database: self.database.resolve()?,
+            slot: self.slot.slot,
+            standbys: self.standbys.resolve()?,
+            nats: self.nats.resolve()?,
+            checkpoint_bucket: self.checkpoint.checkpoint_bucket,
+            json: self.output.json,
+        })
+    }
 }
 
 /// The slot as `status` reports it.
@@ -61,9 +91,9 @@ pub struct SlotStatus {
 }
 
 /// Prints the slot's state; an error when the slot is missing or invalidated.
-pub async fn status(args: StatusArgs) -> Result<(), AdminError> {
-    let catalog = args.database.connect().await?;
-    let slot = &args.database.slot;
+pub async fn status(args: Status) -> Result<(), AdminError> {
+    let catalog = Catalog::connect(&args.database).await?;
+    let slot = &args.slot;
     let state = catalog
         .slot_state(slot)
         .await?
@@ -71,14 +101,11 @@ pub async fn status(args: StatusArgs) -> Result<(), AdminError> {
             slot: slot.to_string(),
         })?;
     let server = catalog.current_wal_lsn().await?;
-    let standbys = args.database.standbys()?;
-    let failover = failover::check(&catalog, slot, Some(&state), &standbys).await?;
+    let failover = failover::check(&catalog, slot, Some(&state), &args.standbys).await?;
     let behind = |lsn: Option<Lsn>| lsn.map(|lsn| server.bytes_since(lsn));
-    let (checkpoint_lsn, checkpoint_note) = if args.nats.url().is_none() {
-        (None, Some("not read: no NATS URL given".to_owned()))
-    } else {
-        let (urls, auth) = args.nats.resolve()?;
-        match Checkpoint::read(&urls, &auth, &args.checkpoint_bucket, slot.as_str()).await {
+    let (urls, auth) = &args.nats;
+    let (checkpoint_lsn, checkpoint_note) =
+        match Checkpoint::read(urls, auth, &args.checkpoint_bucket, slot.as_str()).await {
             Ok(Some(value)) => match ProgressRecord::decode(&value) {
                 Ok(record) => (Some(record.lsn.to_string()), None),
                 Err(e) => (None, Some(format!("unreadable: {e}"))),
@@ -88,8 +115,7 @@ pub async fn status(args: StatusArgs) -> Result<(), AdminError> {
                 Some(format!("none saved in bucket `{}`", args.checkpoint_bucket)),
             ),
             Err(e) => (None, Some(format!("not read: {e}"))),
-        }
-    };
+        };
     let status = SlotStatus {
         slot: slot.to_string(),
         plugin: state.plugin.clone(),

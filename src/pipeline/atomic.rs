@@ -25,6 +25,17 @@ pub enum Fallback {
 }
 
 impl Fallback {
+    /// Every reason: the `reason` label values of `atomic_fallbacks_total`, each exposed at 0
+    /// from the start (see [`crate::stats`]).
+    pub const ALL: [Fallback; 6] = [
+        Fallback::TooManyEvents,
+        Fallback::DeadLetter,
+        Fallback::Refused,
+        Fallback::Sink(NotBatchable::UnknownStream),
+        Fallback::Sink(NotBatchable::SeveralStreams),
+        Fallback::Sink(NotBatchable::MessageTooLarge),
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Fallback::TooManyEvents => "too_many_events",
@@ -55,7 +66,7 @@ impl Fallback {
         }
     }
 
-    const COUNT: usize = 6;
+    const COUNT: usize = Fallback::ALL.len();
 
     fn index(self) -> usize {
         match self {
@@ -148,6 +159,19 @@ pub fn warn(reason: Fallback, commit_lsn: crate::lsn::Lsn) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn all_lists_every_reason_once_in_index_order() {
+        for (i, reason) in Fallback::ALL.into_iter().enumerate() {
+            assert_eq!(reason.index(), i, "{reason:?}");
+        }
+        for reason in NotBatchable::ALL {
+            assert!(
+                Fallback::ALL.contains(&Fallback::Sink(reason)),
+                "{reason:?}"
+            );
+        }
+    }
 
     #[test]
     fn holds_up_to_the_limit_then_falls_back() {

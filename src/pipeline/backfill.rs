@@ -2,8 +2,8 @@
 //! WAL's, for what the stream lacks — after a lost slot, or to move from a polling relay.
 //!
 //! Rows are read in one snapshot, in a stable order, in batches ([`crate::source::TableReader`]),
-//! encoded as pgoutput would send them, and mapped by the very [`TableMapping`] the WAL's rows go
-//! through. A backfilled event carries `Outbox-Backfill: true` and no commit LSN. Before
+//! as text, and mapped by the very [`TableMapping`] the WAL's rows go through (both are
+//! [`super::mapping::RowValues`]). A backfilled event carries `Outbox-Backfill: true` and no commit LSN. Before
 //! publishing, the ids its stream already holds (read headers-only) are checked, so nothing is
 //! stored twice also outside JetStream's duplicate window. It never takes the replication slot:
 //! it runs beside `run`, whose next publish after a backfilled one is refused by fencing and
@@ -12,14 +12,12 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
-use bytes::Bytes;
-
 use super::error::{Disposition, Error};
-use super::mapping::{MappingConfig, TableMapping, TransactionContext};
+use super::mapping::{Mappings, TableMapping, TransactionContext};
 use super::poison::{ErrorPolicy, PoisonKind, PoisonRow};
 use crate::event::{EventRef, OutboxEvent};
-use crate::sink::{JetStreamSink, Sent, SinkConfig, SinkError};
-use crate::source::pgoutput::{self, Message, Relation};
+use crate::sink::{JetStreamSink, Outgoing, Sent, SinkConfig, SinkError};
+use crate::source::pgoutput::Relation;
 use crate::source::{
     Catalog, PublicationName, Selection, SourceError, TableQuery, TableReader, TextRow, quote_ident,
 };
@@ -40,8 +38,7 @@ pub enum Rows {
 pub struct BackfillConfig {
     pub publication: PublicationName,
     pub sink: SinkConfig,
-    pub mapping: MappingConfig,
-    pub on_error: ErrorPolicy,
+    pub mappings: Mappings,
     pub rows: Rows,
     /// Only this table of the publication (`table` or `schema.table`).
     pub table: Option<String>,
@@ -120,7 +117,8 @@ pub async fn backfill(
     };
     let mut reports = Vec::new();
     for relation in chosen {
-        let mapping = TableMapping::bind(&config.mapping, relation, qualify_ids)?;
+        let settings = config.mappings.for_table(relation);
+        let mapping = TableMapping::bind(&settings.mapping, relation, qualify_ids)?;
         let query = table_query(config, catalog, relation, since.as_ref()).await?;
         let batch_size = config.batch;
         let (mut reader, selection) = TableReader::open(catalog, &query, batch_size).await?;
@@ -131,7 +129,7 @@ pub async fn backfill(
             selected: selection.rows,
             ..Default::default()
         };
-        describe_edges(&mut report, &selection, &mapping, relation);
+        describe_edges(&mut report, &selection, &mapping);
         progress.table(&report);
         if config.dry_run {
             reports.push(report);
@@ -146,8 +144,8 @@ pub async fn backfill(
         });
         let mut table = TableBackfill {
             config,
-            relation,
             mapping,
+            on_error: &settings.on_error,
             ids: HashMap::new(),
             start_time,
             row_index: 0,
@@ -254,33 +252,16 @@ async fn table_query(
 }
 
 /// The event ids of the selection's first and last rows, for the report.
-fn describe_edges(
-    report: &mut TableReport,
-    selection: &Selection,
-    mapping: &TableMapping,
-    relation: &Relation,
-) {
+fn describe_edges(report: &mut TableReport, selection: &Selection, mapping: &TableMapping) {
     let id = |row: &Option<TextRow>| {
         let row = row.as_ref()?;
-        let frame = encode(relation, row);
-        let Ok(Message::Insert(insert)) = pgoutput::decode(&frame) else {
-            return None;
-        };
         let message = mapping
-            .map(&insert.tuple, &frame, &TransactionContext::backfill(), 0)
+            .map(&row[..], &TransactionContext::backfill(), 0)
             .ok()?;
         Some(message.id.as_str().to_owned())
     };
     report.first_id = id(&selection.first);
     report.last_id = id(&selection.last);
-}
-
-fn encode(relation: &Relation, row: &TextRow) -> Bytes {
-    let values: Vec<Option<&[u8]>> = row
-        .iter()
-        .map(|v| v.as_deref().map(str::as_bytes))
-        .collect();
-    Bytes::from(pgoutput::encode::insert(relation.id, &values))
 }
 
 /// A row ready to publish.
@@ -293,8 +274,9 @@ struct Prepared {
 
 struct TableBackfill<'a> {
     config: &'a BackfillConfig,
-    relation: &'a Relation,
     mapping: TableMapping,
+    /// The table's `--on-error`.
+    on_error: &'a ErrorPolicy,
     /// Per stream, the ids it held when first asked about.
     ids: HashMap<String, HashSet<String>>,
     start_time: Option<time::OffsetDateTime>,
@@ -379,7 +361,14 @@ impl TableBackfill<'_> {
         let mut sent = 0;
         for prepared in queue.iter_mut() {
             match sink
-                .publish(prepared.message.clone(), prepared.event.clone(), (), true)
+                .publish(
+                    Outgoing {
+                        message: prepared.message.clone(),
+                        event: prepared.event.clone(),
+                        tag: (),
+                    },
+                    true,
+                )
                 .await
             {
                 Ok(Sent::Pipelined | Sent::AwaitAck | Sent::AlreadyStored) => sent += 1,
@@ -390,7 +379,13 @@ impl TableBackfill<'_> {
             }
         }
         for _ in 0..sent {
-            let (published, outcome) = sink.next_ack().await;
+            // A publish the server refused this user is never answered: stop on the refusal.
+            let denials = sink.denials().clone();
+            let (published, outcome) = tokio::select! {
+                biased;
+                denied = denials.wait() => return Err(denied.into()),
+                next = sink.next_ack() => next,
+            };
             match outcome {
                 Ok(ack) => {
                     let done = queue.pop_front();
@@ -413,14 +408,10 @@ impl TableBackfill<'_> {
         &mut self,
         row: &TextRow,
     ) -> Result<Prepared, Box<(PoisonRow, super::mapping::UnmappableRow)>> {
-        let frame = encode(self.relation, row);
         let index = self.row_index;
         self.row_index = self.row_index.wrapping_add(1);
-        let Ok(Message::Insert(insert)) = pgoutput::decode(&frame) else {
-            unreachable!("an encoded insert decodes");
-        };
         let context = TransactionContext::backfill();
-        match self.mapping.map(&insert.tuple, &frame, &context, index) {
+        match self.mapping.map(&row[..], &context, index) {
             Ok(message) => {
                 let event = self.mapping.event_ref(&message, context.commit_lsn, index);
                 Ok(Prepared {
@@ -434,7 +425,7 @@ impl TableBackfill<'_> {
                     PoisonKind::Unmappable,
                     unmappable.reason.clone(),
                     unmappable.event.clone(),
-                    self.mapping.raw_payload(&insert.tuple, &frame),
+                    self.mapping.raw_payload(&row[..]),
                 );
                 Err(Box::new((row, unmappable)))
             }
@@ -443,7 +434,7 @@ impl TableBackfill<'_> {
 
     /// With `--on-error dead-letter`, the dead letter to publish in place of `row`; else `err`.
     fn poison(&self, row: PoisonRow, err: Error, max_payload: usize) -> Result<Prepared, Error> {
-        let ErrorPolicy::DeadLetter { subject } = &self.config.on_error else {
+        let ErrorPolicy::DeadLetter { subject } = self.on_error else {
             return Err(err);
         };
         tracing::warn!(kind = row.kind.as_str(), event = %row.event, reason = %row.reason,

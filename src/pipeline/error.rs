@@ -19,6 +19,42 @@ pub enum Error {
     Schema(#[from] MissingColumn),
     #[error(transparent)]
     Gap(#[from] Box<Gap>),
+    /// An atomic batch refused twice as holding a stored id, while the stream's end, read in
+    /// between, does not hold its transaction.
+    #[error(
+        "{refused}, a second time, although the stream's end, read again since, does not hold \
+         the transaction: one of its event ids was used by an earlier event (within the \
+         stream's duplicate window). outbox-cdc stops rather than publish the transaction event \
+         by event, where consumers would see part of it and JetStream would drop the event with \
+         the repeated id. Give every row its own id (see --id-column), then restart; or run \
+         without --atomic-transactions, where JetStream drops a repeated id as a duplicate"
+    )]
+    IdUsedTwice { refused: Box<SinkError> },
+    #[error(
+        "an --initial-backfill did not finish: start again with the same --initial-backfill (it \
+         drops the slot `{slot}`, which never streamed, and begins again), or drop the slot \
+         (`SELECT pg_drop_replication_slot('{slot}');`)"
+    )]
+    InitialBackfillUnfinished { slot: String },
+    #[error(
+        "--initial-backfill publishes the rows it selects in the snapshot of a slot it creates, \
+         but replication slot `{slot}` exists already and events were published from it \
+         ({published}), which the checkpoint does not record. Either drop the slot \
+         (`SELECT pg_drop_replication_slot('{slot}');`) and start again with \
+         --initial-backfill, or start without it and publish the rows the stream lacks with \
+         `outbox-cdc backfill --where …` (it skips the ids the stream holds)"
+    )]
+    InitialBackfillSlotExists { slot: String, published: String },
+    #[error(
+        "the config file's section `[tables.\"{section}\"]` names no table of publication \
+         `{publication}`; its tables: {}",
+        tables.join(", ")
+    )]
+    NoSuchTable {
+        section: String,
+        publication: String,
+        tables: Vec<String>,
+    },
 }
 
 /// What an error means for the process.
@@ -41,10 +77,21 @@ impl Error {
             Error::Sink(SinkError::Rejected { .. }) => Disposition::Poison(PoisonKind::Rejected),
             Error::Sink(e) if e.is_transient() => Disposition::Transient,
             Error::Source(e) if e.is_transient() => Disposition::Transient,
-            Error::Sink(_) | Error::Source(_) | Error::Schema(_) | Error::Gap(_) => {
-                Disposition::Fatal
-            }
+            Error::Sink(_)
+            | Error::Source(_)
+            | Error::Schema(_)
+            | Error::Gap(_)
+            | Error::IdUsedTwice { .. }
+            | Error::InitialBackfillUnfinished { .. }
+            | Error::InitialBackfillSlotExists { .. }
+            | Error::NoSuchTable { .. } => Disposition::Fatal,
         }
+    }
+
+    /// A combination of flags and state the process cannot honour, found before anything was
+    /// published: exit 2, as for a wrong flag.
+    pub fn is_usage(&self) -> bool {
+        matches!(self, Error::InitialBackfillSlotExists { .. })
     }
 
     pub fn is_transient(&self) -> bool {

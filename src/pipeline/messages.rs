@@ -15,10 +15,8 @@
 //! when the transaction aborts: they are skipped and counted, never published. Content that is
 //! not a JSON object is a poison row (`--on-error`).
 
-use bytes::Bytes;
-
 use super::mapping::{MappingConfig, TableMapping};
-use crate::source::pgoutput::{self, Relation, RelationColumn};
+use crate::source::pgoutput::{Relation, RelationColumn};
 
 /// PostgreSQL's type OID for `text`: every member is handed over as text.
 const TEXT_OID: u32 = 25;
@@ -30,7 +28,8 @@ const NAMESPACE: &str = "message";
 #[derive(Debug, Clone)]
 pub struct MessageMapping {
     pub prefix: String,
-    relation: Relation,
+    /// The members the mapping reads, in the order of the synthetic relation's columns.
+    members: Vec<String>,
     pub mapping: TableMapping,
 }
 
@@ -39,7 +38,6 @@ impl MessageMapping {
     pub fn bind(
         config: &MappingConfig,
         prefix: &str,
-        relation_id: u32,
         qualify_ids: bool,
     ) -> Result<MessageMapping, super::mapping::MissingColumn> {
         let mut names: Vec<String> = Vec::new();
@@ -60,13 +58,13 @@ impl MessageMapping {
             template.columns().for_each(&mut add);
         }
         let relation = Relation {
-            id: relation_id,
+            id: 0,
             namespace: NAMESPACE.to_owned(),
             name: prefix.to_owned(),
             columns: names
-                .into_iter()
+                .iter()
                 .map(|name| RelationColumn {
-                    name,
+                    name: name.clone(),
                     type_oid: TEXT_OID,
                     flags: 0,
                 })
@@ -75,37 +73,28 @@ impl MessageMapping {
         let mapping = TableMapping::bind(config, &relation, qualify_ids)?;
         Ok(MessageMapping {
             prefix: prefix.to_owned(),
-            relation,
+            members: names,
             mapping,
         })
     }
 
-    /// The message's content as the pgoutput Insert of a row of the synthetic relation; an
-    /// error saying why when the content is not a JSON object.
-    pub fn encode(&self, content: &[u8]) -> Result<Bytes, String> {
+    /// The message's content as a row of the members the mapping reads (see
+    /// [`super::mapping::RowValues`]); why not, when the content is not a JSON object.
+    pub fn row(&self, content: &[u8]) -> Result<Vec<Option<String>>, String> {
         let object = match serde_json::from_slice::<serde_json::Value>(content) {
             Ok(serde_json::Value::Object(object)) => object,
             Ok(_) => return Err("the message's content is not a JSON object".into()),
             Err(e) => return Err(format!("the message's content is not JSON: {e}")),
         };
-        let texts: Vec<Option<String>> = self
-            .relation
-            .columns
+        Ok(self
+            .members
             .iter()
-            .map(|column| match object.get(&column.name) {
+            .map(|member| match object.get(member) {
                 None | Some(serde_json::Value::Null) => None,
                 Some(serde_json::Value::String(text)) => Some(text.clone()),
                 Some(other) => Some(other.to_string()),
             })
-            .collect();
-        let values: Vec<Option<&[u8]>> = texts
-            .iter()
-            .map(|t| t.as_deref().map(str::as_bytes))
-            .collect();
-        Ok(Bytes::from(pgoutput::encode::insert(
-            self.relation.id,
-            &values,
-        )))
+            .collect())
     }
 }
 
@@ -113,22 +102,18 @@ impl MessageMapping {
 mod tests {
     use super::*;
     use crate::pipeline::mapping::TransactionContext;
-    use crate::source::pgoutput::{Message, decode};
 
     #[test]
     fn members_play_the_columns() {
-        let mapping = MessageMapping::bind(&MappingConfig::default(), "outbox", 1, false).unwrap();
-        let frame = mapping
-            .encode(
+        let mapping = MessageMapping::bind(&MappingConfig::default(), "outbox", false).unwrap();
+        let row = mapping
+            .row(
                 br#"{"aggregate_type":"order","event_type":"paid","payload":{"total":10},
                      "headers":{"trace-id":"abc"},"extra":1}"#,
             )
             .unwrap();
-        let Ok(Message::Insert(insert)) = decode(&frame) else {
-            panic!("an insert")
-        };
         let txn = TransactionContext::new("0/10".parse().unwrap(), 0);
-        let event = mapping.mapping.map(&insert.tuple, &frame, &txn, 2).unwrap();
+        let event = mapping.mapping.map(&row[..], &txn, 2).unwrap();
         assert_eq!(event.subject.as_str(), "outbox.order.paid");
         assert_eq!(&event.payload[..], br#"{"total":10}"#);
         assert_eq!(
@@ -141,18 +126,12 @@ mod tests {
         assert_eq!(header("Outbox-Table").as_deref(), Some("message.outbox"));
 
         for (bad, why) in [(&b"[1]"[..], "not a JSON object"), (b"{nope", "not JSON")] {
-            assert!(mapping.encode(bad).unwrap_err().contains(why));
+            assert!(mapping.row(bad).unwrap_err().contains(why));
         }
         let missing = mapping
-            .encode(br#"{"event_type":"paid","payload":1}"#)
+            .row(br#"{"event_type":"paid","payload":1}"#)
             .unwrap();
-        let Ok(Message::Insert(insert)) = decode(&missing) else {
-            panic!("an insert")
-        };
-        let err = mapping
-            .mapping
-            .map(&insert.tuple, &missing, &txn, 0)
-            .unwrap_err();
+        let err = mapping.mapping.map(&missing[..], &txn, 0).unwrap_err();
         assert!(err.reason.contains("`{aggregate_type}` is NULL"), "{err}");
     }
 }

@@ -33,11 +33,13 @@ pub mod poison;
 mod progress;
 mod replay;
 mod session;
+mod start;
 mod supervisor;
 mod watermark;
 
 use std::time::Duration;
 
+pub use atomic::Fallback;
 pub use continuity::Gap;
 pub use error::{Disposition, Error};
 pub use progress::ProgressRecord;
@@ -47,14 +49,13 @@ pub use watermark::Watermark;
 use crate::lsn::Lsn;
 use crate::sink::SinkConfig;
 use crate::source::SourceConfig;
-use mapping::MappingConfig;
-use poison::ErrorPolicy;
+use mapping::Mappings;
 
 /// What the pipeline does with rows.
 #[derive(Debug)]
 pub struct PipelineSettings {
-    pub mapping: MappingConfig,
-    pub on_error: ErrorPolicy,
+    /// Each table's mapping and poison-row policy (the table-less messages take the flags').
+    pub mappings: Mappings,
     pub max_in_flight: usize,
     pub shutdown_timeout: Duration,
     /// How often the confirmed position is reported (`--status-interval`): the checkpoint is
@@ -62,6 +63,9 @@ pub struct PipelineSettings {
     pub status_interval: Duration,
     /// Logical decoding messages with these prefixes are events (see [`messages`]).
     pub message_prefixes: Vec<String>,
+    /// A logical decoding message with this prefix annotates the events of its transaction
+    /// that follow it (see [`messages`]).
+    pub annotation_prefix: Option<String>,
     /// With `--atomic-transactions`, the most events one atomic batch holds.
     pub atomic_max_batch: Option<usize>,
 }
@@ -87,4 +91,12 @@ pub struct ReplayConfig {
     pub start_lsn: Option<Lsn>,
     pub window: Duration,
     pub checkpoint_bucket: String,
+}
+
+/// Resolves once shutdown is requested; never when nobody can request it any more (a closed
+/// channel would otherwise resolve at once, every time, and spin a loop that awaits it).
+pub(crate) async fn shutdown_requested(shutdown: &mut tokio::sync::watch::Receiver<bool>) {
+    if shutdown.wait_for(|stop| *stop).await.is_err() {
+        std::future::pending::<()>().await;
+    }
 }

@@ -52,6 +52,15 @@ pub enum PoisonKind {
 }
 
 impl PoisonKind {
+    /// Every kind: the `kind` label values of `poison_rows_total`, each exposed at 0 from the
+    /// start (see [`crate::stats`]).
+    pub const ALL: [PoisonKind; 4] = [
+        PoisonKind::Unmappable,
+        PoisonKind::TooLarge,
+        PoisonKind::NoStream,
+        PoisonKind::Rejected,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             PoisonKind::Unmappable => "unmappable",
@@ -217,7 +226,10 @@ mod tests {
         assert_eq!(event.subject.as_str(), "outbox.dead");
         assert_eq!(event.payload.as_ref(), b"{\"a\":1}");
         let h = |name: &str| event.headers.get(name).map(|v| v.as_str().to_owned());
-        assert_eq!(h(header::MSG_ID).as_deref(), Some("dead-letter:42"));
+        assert_eq!(
+            h(header::MSG_ID.as_ref()).as_deref(),
+            Some("dead-letter:42")
+        );
         assert_eq!(h(HEADER_ERROR_KIND).as_deref(), Some("unmappable"));
         assert_eq!(
             h(HEADER_ERROR).as_deref(),

@@ -16,9 +16,10 @@ use crate::sink::{Checkpoint, SinkError};
 pub struct ProgressRecord {
     /// Every event before this position is in JetStream.
     pub lsn: Lsn,
-    /// Which database cluster (`IDENTIFY_SYSTEM`); None in records of older versions.
+    /// Which database cluster (`IDENTIFY_SYSTEM`); None while an initial backfill is pending
+    /// (no session has read the server's identity yet).
     pub system_id: Option<String>,
-    /// The timeline `lsn` was on.
+    /// The timeline `lsn` was on (None likewise).
     pub timeline: Option<u32>,
     /// A slot was created for `--initial-backfill`, whose rows are not all published yet:
     /// nothing was streamed from it, and a new start drops it and begins again.
@@ -26,17 +27,9 @@ pub struct ProgressRecord {
 }
 
 impl ProgressRecord {
-    /// Reads a saved value: this JSON, or a bare LSN as older versions saved it.
+    /// Reads a saved value.
     pub fn decode(bytes: &[u8]) -> Result<ProgressRecord, String> {
         let text = String::from_utf8_lossy(bytes);
-        if let Ok(lsn) = text.parse::<Lsn>() {
-            return Ok(ProgressRecord {
-                lsn,
-                system_id: None,
-                timeline: None,
-                initial_backfill_pending: false,
-            });
-        }
         #[derive(serde::Deserialize)]
         struct Saved {
             lsn: String,
@@ -46,7 +39,7 @@ impl ProgressRecord {
             initial_backfill_pending: bool,
         }
         let saved: Saved = serde_json::from_slice(bytes)
-            .map_err(|e| format!("`{text}` is neither an LSN nor a progress record: {e}"))?;
+            .map_err(|e| format!("`{text}` is not a progress record: {e}"))?;
         Ok(ProgressRecord {
             lsn: saved.lsn.parse().map_err(|e| format!("`{text}`: {e}"))?,
             system_id: saved.system_id,
@@ -98,11 +91,6 @@ impl Progress {
         })
     }
 
-    /// The newest saved position: what may be reported to PostgreSQL.
-    pub fn saved(&self) -> Lsn {
-        self.saved.lsn
-    }
-
     /// Saves `lsn` when it is newer than what was saved.
     pub async fn save(&mut self, lsn: Lsn) -> Result<(), SinkError> {
         if lsn <= self.saved.lsn {
@@ -123,7 +111,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn reads_what_it_writes_and_what_older_versions_wrote() {
+    fn reads_what_it_writes_and_refuses_anything_else() {
         let record = ProgressRecord {
             lsn: Lsn::new(0x1_0000_0010),
             system_id: Some("7714996357554463444".into()),
@@ -131,16 +119,7 @@ mod tests {
             initial_backfill_pending: true,
         };
         assert_eq!(ProgressRecord::decode(&record.encode()), Ok(record));
-        assert_eq!(
-            ProgressRecord::decode(b"0/16B3748"),
-            Ok(ProgressRecord {
-                lsn: Lsn::new(0x16B3748),
-                system_id: None,
-                timeline: None,
-                initial_backfill_pending: false,
-            })
-        );
-        for bad in [&b"yesterday"[..], br#"{"lsn":"x"}"#, b"{}"] {
+        for bad in [&b"yesterday"[..], b"0/16B3748", br#"{"lsn":"x"}"#, b"{}"] {
             assert!(ProgressRecord::decode(bad).is_err());
         }
     }

@@ -16,18 +16,19 @@ use std::time::Duration;
 use backon::BackoffBuilder;
 use tokio::sync::watch;
 
-use super::RunConfig;
 use super::backfill::{self, BackfillConfig, Rows, TableReport};
-use super::continuity::{self, Gap, Published};
+use super::continuity::Published;
 use super::error::Error;
 use super::mapping::TableMapping;
 use super::messages::MessageMapping;
 use super::progress::{Progress, ProgressRecord};
 use super::replay::ReplayHold;
 use super::session::{Carryover, Session, SessionEnd, SessionStart, Sink};
+use super::start::{Gate, Process, SlotPlan, Start, StartConfig};
+use super::{RunConfig, shutdown_requested};
 use crate::lsn::Lsn;
 use crate::sink::{Checkpoint, SinkError};
-use crate::source::{Catalog, PendingStream, ReplicationStream, SlotState, SourceError};
+use crate::source::{Catalog, ReplicationStream, SlotName, SlotState, SourceError};
 use crate::stats::Stats;
 
 fn backoff() -> impl Iterator<Item = Duration> {
@@ -47,14 +48,18 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), Error> {
     let mut supervisor = Supervisor {
-        carry: Carryover::new(ReplayHold::new(config.replay.window, Lsn::ZERO)),
-        accept_gap: config.accept_gap,
+        carry: None,
+        gate: Gate::new(config.accept_gap),
+        start: StartConfig {
+            slot: config.source.slot.clone(),
+            create_slot: config.source.create_slot,
+            initial_backfill: config.initial_backfill.is_some(),
+            start_lsn: config.replay.start_lsn,
+        },
         config,
         stats,
         catalog: None,
-        progress: Lsn::ZERO,
-        skip_before: Lsn::ZERO,
-        streamed: false,
+        process: Process::default(),
         streamed_this_session: false,
         role: Role::Starting,
         warned_no_failover: false,
@@ -81,7 +86,7 @@ pub async fn run(
                 );
                 return Ok(());
             }
-            // Not a failure: the next session publishes a dead letter in its row's place.
+            // Not a failure: the next session answers what the last one met.
             Ok(SessionEnd::Restart) => {}
             Err(Error::Source(SourceError::SlotBusy { slot, pid })) => {
                 supervisor.standby(&slot, pid);
@@ -118,20 +123,17 @@ enum Role {
 
 struct Supervisor<'a> {
     config: RunConfig,
+    start: StartConfig,
     stats: &'a Stats,
     catalog: Option<Catalog>,
-    /// The newest position known durable downstream in this process (never below the slot's).
-    progress: Lsn,
-    /// What PostgreSQL is told (held back by the replay window), and rows to dead-letter in place.
-    carry: Carryover,
-    /// Transactions that committed before this are not published again.
-    skip_before: Lsn,
-    /// A session has streamed: --start-lsn and the checkpoint applied to the first one.
-    streamed: bool,
+    /// What this process knows from its earlier sessions.
+    process: Process,
+    /// What the last session left to the next (taken while a session runs).
+    carry: Option<Carryover>,
+    /// `--accept-gap`, until a session has streamed past the gap it accepted.
+    gate: Gate,
     /// The last session reached streaming.
     streamed_this_session: bool,
-    /// `--accept-gap`, until a session has streamed past the gap it accepted.
-    accept_gap: bool,
     role: Role,
     warned_no_failover: bool,
 }
@@ -160,27 +162,45 @@ impl Supervisor<'_> {
             progress,
             start,
         } = ready;
-        self.streamed = true;
+        self.process.streamed = true;
         self.streamed_this_session = true;
-        self.accept_gap = false;
+        self.gate = Gate::new(false);
         if self.role != Role::Leader {
-            tracing::info!(slot = %self.config.source.slot, from = %self.progress,
+            tracing::info!(slot = %self.config.source.slot, from = %self.process.acked,
                 "took the replication slot: this instance is the leader and streams");
             self.role = Role::Leader;
             self.stats.set_role(crate::stats::Role::Leader);
         }
+        let carry = self.take_carry();
         let session = Session::new(
             &self.config.pipeline,
+            self.stats,
             stream,
             &mut sink,
-            self.stats,
-            start,
-            &mut self.carry,
             progress,
+            start,
+            carry,
         );
-        let (progress, result) = session.run(shutdown).await;
-        self.progress = self.progress.max(progress);
+        let (carry, result) = session.run(shutdown).await;
+        self.process.acked = self.process.acked.max(carry.acked);
+        self.carry = Some(carry);
+        self.stats.in_flight.set(0);
         result
+    }
+
+    /// What the last session left to the next (a fresh one before the first).
+    fn carry(&mut self) -> &mut Carryover {
+        let (acked, window) = (self.process.acked, self.config.replay.window);
+        self.carry
+            .get_or_insert_with(|| Carryover::new(acked, ReplayHold::new(window, acked)))
+    }
+
+    fn take_carry(&mut self) -> Carryover {
+        self.carry();
+        let (acked, window) = (self.process.acked, self.config.replay.window);
+        self.carry
+            .take()
+            .unwrap_or_else(|| Carryover::new(acked, ReplayHold::new(window, acked)))
     }
 
     /// Everything before streaming: the server and the mapping checked, the slot, the streams
@@ -198,35 +218,12 @@ impl Supervisor<'_> {
     async fn prepare_on(&mut self, catalog: &Catalog) -> Result<Ready, Error> {
         let source = self.config.source.clone();
         catalog.check_wal_level().await?;
-        // Check the mapping against every published table before streaming, so a wrong flag
-        // fails at start rather than at the first event.
-        let prefixes = &self.config.pipeline.message_prefixes;
-        let tables = if prefixes.is_empty() {
-            catalog.publication_tables(&source.publication).await?
-        } else {
-            catalog.published_tables(&source.publication).await?
-        };
-        let qualify_ids = tables.len() + prefixes.len() > 1;
-        for table in &tables {
-            TableMapping::bind(&self.config.pipeline.mapping, table, qualify_ids)?;
-        }
-        let messages = prefixes
-            .iter()
-            .enumerate()
-            .map(|(i, prefix)| {
-                // Relation ids no table has (OIDs are far below).
-                let id = u32::MAX - i as u32;
-                MessageMapping::bind(&self.config.pipeline.mapping, prefix, id, qualify_ids)
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        if qualify_ids && !self.streamed {
-            tracing::info!(tables = ?tables.iter().map(|t| t.qualified_name()).collect::<Vec<_>>(),
-                "the publication has several tables: event ids (Nats-Msg-Id) are `schema.table:<id>`, so theirs cannot collide");
-        }
+        let (tables, qualify_ids, messages) = self.bind_mappings(catalog).await?;
         let slot_state = catalog.slot_state(&source.slot).await?;
         if let Some(state) = &slot_state {
             catalog.check_slot(&source.slot, state)?;
             if let Some(pid) = state.active_pid {
+                // Standby, without a word to NATS.
                 return Err(SourceError::SlotBusy {
                     slot: source.slot.to_string(),
                     pid: Some(pid),
@@ -238,130 +235,135 @@ impl Supervisor<'_> {
         let mut sink = Sink::connect(&self.config.sink).await?;
         sink.prepare(&self.config.sink).await?;
         let bucket = &self.config.replay.checkpoint_bucket;
-        let (mut checkpoint, saved) = Checkpoint::open(
-            sink.context(),
-            bucket,
-            source.slot.as_str(),
-            sink.replicas(),
-        )
-        .await?;
-        let mut record = saved
+        let (mut checkpoint, saved) = sink.open_checkpoint(bucket, source.slot.as_str()).await?;
+        let record = saved
             .map(|value| ProgressRecord::decode(&value))
             .transpose()
             .map_err(|detail| SinkError::Checkpoint {
                 bucket: bucket.clone(),
                 detail: format!("key `{}`: {detail}", source.slot),
             })?;
-        let mut slot_state = slot_state;
-        if record.as_ref().is_some_and(|r| r.initial_backfill_pending) {
-            // The slot has not streamed: it can go, and the switch begin again.
-            slot_state = self
-                .restart_initial_backfill(catalog, slot_state.is_some())
-                .await?;
-            record = None;
-        }
         let published = Published {
             stream_end: sink.stream_end(),
-            record: record.clone(),
+            record,
         };
-        let mut gap_accepted = false;
-        let slot = match slot_state {
-            Some(state) => {
-                let slot_lsn = state.confirmed_flush_lsn.unwrap_or(Lsn::ZERO);
-                gap_accepted |= self.gate(continuity::slot_position(
-                    &source.slot,
-                    slot_lsn,
-                    &published,
-                ))?;
-                state
-            }
-            None => {
-                let missing = || SourceError::SlotMissing {
-                    slot: source.slot.to_string(),
-                    create_sql: catalog.create_slot_sql(&source.slot),
-                };
-                if !source.create_slot {
-                    return Err(missing().into());
-                }
-                gap_accepted |=
-                    self.gate(continuity::before_creating_slot(&source.slot, &published))?;
-                match &self.config.initial_backfill {
-                    Some(predicate) => {
-                        self.initial_backfill(catalog, &mut checkpoint, predicate)
-                            .await?;
-                        // The streams hold the backfilled rows now: fence after them.
-                        sink.prepare(&self.config.sink).await?;
+        let start_config = self.start.clone();
+        let mut start = Start::new(&start_config, self.process, published);
+        let plan = start.slot(slot_state.as_ref(), &mut self.gate, || {
+            catalog.create_slot_sql(&source.slot)
+        })?;
+        let slot = match plan {
+            SlotPlan::Use => slot_state.ok_or_else(|| missing_slot(catalog, &source.slot))?,
+            SlotPlan::Create | SlotPlan::CreateWithBackfill { .. } => {
+                if let SlotPlan::CreateWithBackfill { drop_first } = plan {
+                    if drop_first {
+                        catalog.drop_slot(&source.slot).await?;
                     }
-                    None => catalog.create_slot(&source.slot).await?,
+                    let predicate = self.config.initial_backfill.clone().unwrap_or_default();
+                    self.initial_backfill(catalog, &mut checkpoint, &predicate)
+                        .await?;
+                    // The streams hold the backfilled rows now: fence after them.
+                    sink.prepare(&self.config.sink).await?;
+                } else {
+                    catalog.create_slot(&source.slot).await?;
                 }
                 let state = catalog
                     .slot_state(&source.slot)
                     .await?
-                    .ok_or_else(missing)?;
+                    .ok_or_else(|| missing_slot(catalog, &source.slot))?;
                 catalog.check_slot(&source.slot, &state)?;
                 state
             }
         };
         self.warn_without_failover(catalog.has_failover_slots(), &slot);
         let slot_lsn = slot.confirmed_flush_lsn.unwrap_or(Lsn::ZERO);
-        let replay = &self.config.replay;
-        if !self.streamed {
-            if let Some(start) = replay.start_lsn
-                && start < slot_lsn
-            {
-                return Err(SourceError::StartLsnUnavailable {
-                    slot: source.slot.to_string(),
-                    requested: start,
-                    oldest: slot_lsn,
-                }
-                .into());
-            }
-            let saved = record.as_ref().map(|r| r.lsn).filter(|_| !gap_accepted);
-            self.skip_before = replay.start_lsn.or(saved).unwrap_or(Lsn::ZERO);
-            self.carry.hold = ReplayHold::new(replay.window, slot_lsn);
-            tracing::info!(slot_confirmed_lsn = %slot_lsn, checkpoint = ?saved.map(|l| l.to_string()),
-                stream_end = ?published.stream_end.as_ref().map(|e| e.commit_lsn.to_string()),
-                skip_before = %self.skip_before, "start position");
+        let position = start.position(slot_lsn, &self.gate)?;
+        let window = self.config.replay.window;
+        let carry = self.carry();
+        if let Some(replay_from) = position.replay_from {
+            carry.hold = ReplayHold::new(window, replay_from);
+            tracing::info!(slot_confirmed_lsn = %slot_lsn,
+                checkpoint = ?start.published().record.as_ref().map(|r| r.lsn.to_string()),
+                stream_end = ?start.published().stream_end.as_ref().map(|e| e.commit_lsn.to_string()),
+                skip_before = %position.skip_before, "start position");
         }
-        self.progress = self.progress.max(slot_lsn);
-        self.skip_before = self.skip_before.max(self.progress);
-        self.carry.refused.forget_before(self.skip_before);
+        carry.acked = carry.acked.max(position.acked);
+        carry.forget_before(position.skip_before);
+        let released = carry.hold.released();
+        self.process.acked = position.acked;
+        self.process.skip_before = position.skip_before;
 
-        let mut pending =
-            ReplicationStream::connect(&source, self.carry.hold.released(), catalog).await?;
-        gap_accepted |= self.check_history(&mut pending, &published).await?;
-        let identity = pending.identity();
-        // The record goes on from what it said, unless a gap was accepted: then from the slot.
-        let lsn = match &record {
-            Some(record) if !gap_accepted => record.lsn.max(slot_lsn),
-            _ => slot_lsn,
+        let mut pending = ReplicationStream::connect(&source, released, catalog).await?;
+        let ancestry = match start.needs_ancestry(pending.identity()) {
+            Some(timeline) => {
+                let ancestry = pending.ancestry(timeline).await?;
+                tracing::info!(
+                    timeline = pending.identity().timeline,
+                    ?ancestry,
+                    "the database is on another timeline than when outbox-cdc last confirmed (a failover or a restore)"
+                );
+                Some(ancestry)
+            }
+            None => None,
         };
-        let progress = Progress::start(
-            checkpoint,
-            ProgressRecord {
-                lsn,
-                system_id: Some(identity.system_id.clone()),
-                timeline: Some(identity.timeline),
-                initial_backfill_pending: false,
-            },
-        )
-        .await?;
+        start.history(pending.identity(), ancestry, &mut self.gate)?;
+        let record = start.record(slot_lsn, pending.identity(), &self.gate);
+        let saved = record.lsn;
+        let progress = Progress::start(checkpoint, record).await?;
         let stream = pending.start().await?;
         Ok(Ready {
             stream,
-            sink,
             progress,
             start: SessionStart {
-                progress: self.progress,
-                skip_before: self.skip_before,
-                tables: tables
-                    .iter()
-                    .map(|t| t.qualified_name())
-                    .collect::<HashSet<_>>(),
+                skip_before: position.skip_before,
+                saved,
+                tables,
                 qualify_ids,
                 messages,
+                max_payload: sink.max_payload(),
             },
+            sink,
         })
+    }
+
+    /// The publication's tables, each with the mapping checked against it before streaming
+    /// (a wrong flag fails at start rather than at the first event), and the message prefixes.
+    async fn bind_mappings(
+        &self,
+        catalog: &Catalog,
+    ) -> Result<(HashSet<String>, bool, Vec<MessageMapping>), Error> {
+        let publication = &self.config.source.publication;
+        let prefixes = &self.config.pipeline.message_prefixes;
+        let tables = if prefixes.is_empty() {
+            catalog.publication_tables(publication).await?
+        } else {
+            catalog.published_tables(publication).await?
+        };
+        let qualify_ids = tables.len() + prefixes.len() > 1;
+        let mappings = &self.config.pipeline.mappings;
+        if let Some(name) = mappings.unmatched(&tables).next() {
+            return Err(Error::NoSuchTable {
+                section: name.to_owned(),
+                publication: publication.to_string(),
+                tables: tables.iter().map(|t| t.qualified_name()).collect(),
+            });
+        }
+        for table in &tables {
+            TableMapping::bind(&mappings.for_table(table).mapping, table, qualify_ids)?;
+        }
+        let messages = prefixes
+            .iter()
+            .map(|prefix| MessageMapping::bind(&mappings.default.mapping, prefix, qualify_ids))
+            .collect::<Result<Vec<_>, _>>()?;
+        if qualify_ids && !self.process.streamed {
+            tracing::info!(tables = ?tables.iter().map(|t| t.qualified_name()).collect::<Vec<_>>(),
+                "the publication has several tables: event ids (Nats-Msg-Id) are `schema.table:<id>`, so theirs cannot collide");
+        }
+        Ok((
+            tables.iter().map(|t| t.qualified_name()).collect(),
+            qualify_ids,
+            messages,
+        ))
     }
 
     /// `--initial-backfill`, when the slot is created: the slot exports the snapshot it starts
@@ -381,8 +383,7 @@ impl Supervisor<'_> {
         let config = BackfillConfig {
             publication: self.config.source.publication.clone(),
             sink: self.config.sink.clone(),
-            mapping: self.config.pipeline.mapping.clone(),
-            on_error: self.config.pipeline.on_error.clone(),
+            mappings: self.config.pipeline.mappings.clone(),
             rows: Rows::Where(predicate.to_owned()),
             table: None,
             order_by: None,
@@ -399,69 +400,6 @@ impl Supervisor<'_> {
                 "--initial-backfill: published the rows the snapshot selects; streaming from the slot from here");
         }
         Ok(())
-    }
-
-    /// A slot created for `--initial-backfill` whose rows were not all published (the process
-    /// ended): it never streamed, so it is dropped and the switch begins again.
-    async fn restart_initial_backfill(
-        &self,
-        catalog: &Catalog,
-        slot_exists: bool,
-    ) -> Result<Option<SlotState>, Error> {
-        let slot = &self.config.source.slot;
-        if self.config.initial_backfill.is_none() {
-            return Err(SourceError::Query {
-                context: format!("replication slot `{slot}`"),
-                detail: format!(
-                    "an --initial-backfill did not finish: start again with the same \
-                     --initial-backfill (it drops the slot, which never streamed, and begins \
-                     again), or drop the slot (`SELECT pg_drop_replication_slot('{slot}');`)"
-                ),
-                transient: false,
-            }
-            .into());
-        }
-        if slot_exists {
-            tracing::warn!(slot = %slot,
-                "an --initial-backfill did not finish: dropping its slot, which never streamed, and beginning again");
-            catalog
-                .apply(&format!("SELECT pg_drop_replication_slot('{slot}')"))
-                .await?;
-        }
-        Ok(None)
-    }
-
-    /// The server's history must hold what was published (see [`continuity::history`]).
-    async fn check_history(
-        &mut self,
-        pending: &mut PendingStream,
-        published: &Published,
-    ) -> Result<bool, Error> {
-        let current = pending.identity().timeline;
-        let ancestry = match published.record.as_ref().and_then(|r| r.timeline) {
-            Some(timeline) if timeline != current => Some(pending.ancestry(timeline).await?),
-            _ => None,
-        };
-        if let Some(ancestry) = ancestry {
-            tracing::info!(
-                timeline = current,
-                ?ancestry,
-                "the database is on another timeline than when outbox-cdc last confirmed (a failover or a restore)"
-            );
-        }
-        self.gate(continuity::history(pending.identity(), ancestry, published))
-    }
-
-    /// A gap stops the process, unless `--accept-gap` accepts it (true) this once.
-    fn gate(&self, found: Result<(), Box<Gap>>) -> Result<bool, Error> {
-        match found {
-            Ok(()) => Ok(false),
-            Err(gap) if self.accept_gap => {
-                tracing::warn!(%gap, "--accept-gap: going on past the gap");
-                Ok(true)
-            }
-            Err(gap) => Err(gap.into()),
-        }
     }
 
     /// On PostgreSQL 17+, a slot without `failover` is not synced to standbys: a failover loses
@@ -489,6 +427,14 @@ impl Supervisor<'_> {
     }
 }
 
+fn missing_slot(catalog: &Catalog, slot: &SlotName) -> Error {
+    SourceError::SlotMissing {
+        slot: slot.to_string(),
+        create_sql: catalog.create_slot_sql(slot),
+    }
+    .into()
+}
+
 /// The initial backfill's progress, in the log.
 struct LoggedProgress;
 
@@ -499,13 +445,6 @@ impl backfill::Progress for LoggedProgress {
     }
 
     fn rows(&mut self, _done: u64, _total: u64) {}
-}
-
-/// Resolves once shutdown is requested; never when nobody can request it any more.
-async fn shutdown_requested(shutdown: &mut watch::Receiver<bool>) {
-    if shutdown.wait_for(|stop| *stop).await.is_err() {
-        std::future::pending::<()>().await;
-    }
 }
 
 /// Sleeps; true when shutdown was requested meanwhile.

@@ -23,18 +23,17 @@
 //! (0.3) is built on async-nats 0.48, whose client is another type than this sink's 0.51 one
 //! (so a second connection), publishes one batch at a time, and refuses `Nats-Msg-Id` in a batch.
 
+use async_nats::header::{
+    NATS_BATCH_COMMIT, NATS_BATCH_COMMIT_FINAL, NATS_BATCH_ID, NATS_BATCH_SEQUENCE,
+    NATS_EXPECTED_LAST_SEQUENCE,
+};
 use async_nats::{HeaderMap, Subject};
 use bytes::Bytes;
 
 use super::acks::Role;
 use super::fence::StreamIndex;
-use super::{JetStreamSink, Published, SinkError};
+use super::{JetStreamSink, Outgoing, Published, SinkError};
 use crate::event::{EventRef, OutboxEvent};
-
-const BATCH_ID: &str = "Nats-Batch-Id";
-const BATCH_SEQUENCE: &str = "Nats-Batch-Sequence";
-const BATCH_COMMIT: &str = "Nats-Batch-Commit";
-const EXPECTED_LAST_SEQUENCE: &str = "Nats-Expected-Last-Sequence";
 
 /// Room left for the batch headers when checking a message against `max_payload`.
 const BATCH_HEADERS_BYTES: usize = 128;
@@ -42,14 +41,6 @@ const BATCH_HEADERS_BYTES: usize = 128;
 /// Atomic batches awaiting their ack at most: below nats-server's default of 50 in flight per
 /// stream (`max_batch_inflight_per_stream`), since a batch over it is refused whole.
 pub const MAX_BATCHES_IN_FLIGHT: usize = 32;
-
-/// One event of a batch, with what comes back with its ack.
-#[derive(Debug)]
-pub struct BatchEvent<T> {
-    pub message: OutboxEvent,
-    pub event: EventRef,
-    pub tag: T,
-}
 
 /// Why a transaction's events cannot go out as one batch: they go out one by one, in order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,6 +54,12 @@ pub enum NotBatchable {
 }
 
 impl NotBatchable {
+    pub const ALL: [NotBatchable; 3] = [
+        NotBatchable::UnknownStream,
+        NotBatchable::SeveralStreams,
+        NotBatchable::MessageTooLarge,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             NotBatchable::UnknownStream => "unknown_stream",
@@ -79,15 +76,25 @@ pub struct BatchSent {
     pub sent: usize,
     /// Events the stream held already when the session started: not sent.
     pub already_stored: usize,
+    /// They went out as one atomic batch (else as one message: the only one left).
+    pub batched: bool,
+}
+
+/// What [`JetStreamSink::publish_batch`] did with a transaction's events.
+#[derive(Debug)]
+pub enum BatchOutcome<T> {
+    Sent(BatchSent),
+    /// They cannot be one batch: handed back, unsent.
+    NotBatchable(NotBatchable, Vec<Outgoing<T>>),
 }
 
 impl<T> JetStreamSink<T> {
     /// Whether these messages can go out as one atomic batch: all into one known stream. A
     /// stream that does not take atomic batches is an error that names it.
-    pub fn batchable<'a>(
+    fn batchable<'a>(
         &mut self,
         messages: impl IntoIterator<Item = &'a OutboxEvent>,
-    ) -> Result<Result<(), NotBatchable>, SinkError> {
+    ) -> Result<Result<StreamIndex, NotBatchable>, SinkError> {
         let max_payload = self.max_payload();
         let mut stream: Option<StreamIndex> = None;
         for message in messages {
@@ -102,37 +109,33 @@ impl<T> JetStreamSink<T> {
                 return Ok(Err(NotBatchable::MessageTooLarge));
             }
         }
-        if let Some(stream) = stream
-            && !self.fence.allows_atomic(stream)
-        {
+        let Some(stream) = stream else {
+            return Ok(Err(NotBatchable::UnknownStream));
+        };
+        if !self.fence.allows_atomic(stream) {
             return Err(SinkError::AtomicDisabled {
                 stream: self.fence.name(stream).unwrap_or_default().to_owned(),
             });
         }
-        Ok(Ok(()))
+        Ok(Ok(stream))
     }
 
-    /// Sends `batch` (checked with [`JetStreamSink::batchable`]) as one atomic batch; each
-    /// event's ack comes back from [`JetStreamSink::next_ack`] as for single publishes. Events
-    /// the stream held already when the session started are left out; a single event left
-    /// goes out as a message of its own. With `fenced`, the batch names the sequence the
-    /// stream's last message must have.
+    /// Sends a transaction's events as one atomic batch when they can be one (else hands them
+    /// back, unsent); each event's ack comes back from [`JetStreamSink::next_ack`] as for single
+    /// publishes. Events the stream held already when the session started are left out; a
+    /// single event left goes out as a message of its own. With `fenced`, the batch names the
+    /// sequence the stream's last message must have.
     pub async fn publish_batch(
         &mut self,
-        batch: Vec<BatchEvent<T>>,
+        batch: Vec<Outgoing<T>>,
         fenced: bool,
-    ) -> Result<BatchSent, SinkError> {
-        let total = batch.len();
-        let Some(stream) = batch
-            .first()
-            .and_then(|b| self.fence.stream_of(b.message.subject.as_str()))
-        else {
-            return Ok(BatchSent {
-                sent: 0,
-                already_stored: 0,
-            });
+    ) -> Result<BatchOutcome<T>, SinkError> {
+        let stream = match self.batchable(batch.iter().map(|b| &b.message))? {
+            Ok(stream) => stream,
+            Err(reason) => return Ok(BatchOutcome::NotBatchable(reason, batch)),
         };
-        let batch: Vec<BatchEvent<T>> = batch
+        let total = batch.len();
+        let batch: Vec<Outgoing<T>> = batch
             .into_iter()
             .filter(|b| {
                 b.event.commit_lsn.is_zero() || !self.fence.already_stored(stream, &b.event)
@@ -142,13 +145,14 @@ impl<T> JetStreamSink<T> {
         if batch.len() <= 1 {
             let mut sent = 0;
             for b in batch {
-                self.publish(b.message, b.event, b.tag, fenced).await?;
+                self.publish(b, fenced).await?;
                 sent += 1;
             }
-            return Ok(BatchSent {
+            return Ok(BatchOutcome::Sent(BatchSent {
                 sent,
                 already_stored,
-            });
+                batched: false,
+            }));
         }
         self.batches_started += 1;
         let batch_id = format!("{}-{}", self.batch_prefix, self.batches_started);
@@ -156,7 +160,7 @@ impl<T> JetStreamSink<T> {
         let last = batch.len() - 1;
         let sent = batch.len();
         for (i, item) in batch.into_iter().enumerate() {
-            let BatchEvent {
+            let Outgoing {
                 message:
                     OutboxEvent {
                         subject,
@@ -167,16 +171,19 @@ impl<T> JetStreamSink<T> {
                 event,
                 tag,
             } = item;
-            headers.insert(BATCH_ID, batch_id.as_str());
-            headers.insert(BATCH_SEQUENCE, itoa::Buffer::new().format(i + 1));
+            headers.insert(NATS_BATCH_ID, batch_id.as_str());
+            headers.insert(NATS_BATCH_SEQUENCE, itoa::Buffer::new().format(i + 1));
             if i == 0
                 && fenced
                 && let Some(sequence) = expected_sequence
             {
-                headers.insert(EXPECTED_LAST_SEQUENCE, itoa::Buffer::new().format(sequence));
+                headers.insert(
+                    NATS_EXPECTED_LAST_SEQUENCE,
+                    itoa::Buffer::new().format(sequence),
+                );
             }
             let role = if i == last {
-                headers.insert(BATCH_COMMIT, "1");
+                headers.insert(NATS_BATCH_COMMIT, NATS_BATCH_COMMIT_FINAL);
                 Role::CommitsBatch
             } else {
                 Role::InBatch
@@ -185,13 +192,14 @@ impl<T> JetStreamSink<T> {
             let event = self
                 .send_batch_message(subject, reply, headers, payload, event)
                 .await?;
-            self.acks.sent(Published { event, tag }, role);
+            self.acks.sent(Published { event, tag, role }, role);
             self.fence.sent(stream, id);
         }
-        Ok(BatchSent {
+        Ok(BatchOutcome::Sent(BatchSent {
             sent,
             already_stored,
-        })
+            batched: true,
+        }))
     }
 
     /// Atomic batches awaiting their ack.
@@ -229,12 +237,10 @@ impl<T> JetStreamSink<T> {
             Ok(Err(err)) => Err(SinkError::Publish {
                 event,
                 detail: format!("sending a message of an atomic batch: {err}"),
-                transient: true,
             }),
             Err(_elapsed) => Err(SinkError::Publish {
                 event,
                 detail: "the NATS connection took no data within the ack timeout".into(),
-                transient: true,
             }),
         }
     }

@@ -6,18 +6,39 @@ use std::time::Duration;
 use async_nats::jetstream::{self, stream};
 use bytes::Bytes;
 
-use super::{NatsAuth, NatsUrls, SinkError};
+use super::permissions::Denials;
+use super::{JetStreamSink, NatsAuth, NatsUrls, SinkError};
 
 /// One key of a NATS KV bucket: the slot's name in `--checkpoint-bucket`.
 pub struct Checkpoint {
     store: jetstream::kv::Store,
     bucket: String,
     key: String,
+    /// The connection's permission refusals: a save the server refuses fails at once.
+    denials: Option<Denials>,
+}
+
+impl<T> JetStreamSink<T> {
+    /// Opens the checkpoint (see [`Checkpoint::open`]) on this connection, with as many copies
+    /// as [`JetStreamSink::replicas`]; a subject the server refuses fails it at once, named.
+    pub async fn open_checkpoint(
+        &self,
+        bucket: &str,
+        key: &str,
+    ) -> Result<(Checkpoint, Option<Bytes>), SinkError> {
+        let (mut checkpoint, saved) = self
+            .denials
+            .guard(Checkpoint::open(&self.context, bucket, key, self.replicas))
+            .await?;
+        checkpoint.denials = Some(self.denials.clone());
+        Ok((checkpoint, saved))
+    }
 }
 
 impl Checkpoint {
     /// Opens (creating if missing, with `replicas` copies in a cluster) the bucket; returns it
-    /// with the saved value, if any.
+    /// with the saved value, if any. An existing bucket with fewer copies is warned about, not
+    /// changed.
     pub async fn open(
         context: &jetstream::Context,
         bucket: &str,
@@ -29,7 +50,21 @@ impl Checkpoint {
             detail,
         };
         let store = match context.get_key_value(bucket).await {
-            Ok(store) => store,
+            Ok(store) => {
+                let kept = store.stream.cached_info().config.num_replicas.max(1);
+                if kept < replicas {
+                    tracing::warn!(
+                        bucket,
+                        replicas = kept,
+                        wanted = replicas,
+                        "the checkpoint's KV bucket `{bucket}` keeps {kept} copies, fewer than the \
+                         {replicas} wanted (--checkpoint-replicas, or the outbox's streams'); it \
+                         is left as it is: raise them with `nats stream edit KV_{bucket} \
+                         --replicas {replicas}`"
+                    );
+                }
+                store
+            }
             Err(_) => {
                 // The bucket's backing stream is created directly: async-nats's
                 // `create_key_value` first reads the account info, whose shape on servers
@@ -68,6 +103,7 @@ impl Checkpoint {
             store,
             bucket: bucket.to_owned(),
             key: key.to_owned(),
+            denials: None,
         };
         Ok((checkpoint, saved))
     }
@@ -84,29 +120,43 @@ impl Checkpoint {
             bucket: bucket.to_owned(),
             detail,
         };
-        let context = jetstream::new(auth.connect_once(urls).await?);
-        let store = match context.get_key_value(bucket).await {
-            Ok(store) => store,
-            Err(e) if e.kind() == jetstream::context::KeyValueErrorKind::GetBucket => {
-                return Ok(None);
-            }
-            Err(e) => return Err(fail(format!("opening the bucket: {e}"))),
+        let (client, denials) = auth.connect_once(urls).await?;
+        let context = jetstream::new(client);
+        let read = async {
+            let store = match context.get_key_value(bucket).await {
+                Ok(store) => store,
+                Err(e) if e.kind() == jetstream::context::KeyValueErrorKind::GetBucket => {
+                    // A refused request looks the same: the refusal is the error then.
+                    return match denials.error() {
+                        Some(denied) => Err(denied),
+                        None => Ok(None),
+                    };
+                }
+                Err(e) => return Err(fail(format!("opening the bucket: {e}"))),
+            };
+            store
+                .get(key)
+                .await
+                .map_err(|e| fail(format!("reading key `{key}`: {e}")))
         };
-        store
-            .get(key)
-            .await
-            .map_err(|e| fail(format!("reading key `{key}`: {e}")))
+        denials.guard(read).await
     }
 
     /// Saves `value`.
     pub async fn save(&mut self, value: Bytes) -> Result<(), SinkError> {
-        self.store
-            .put(&self.key, value)
-            .await
-            .map_err(|e| SinkError::Checkpoint {
-                bucket: self.bucket.clone(),
-                detail: format!("writing key `{}`: {e}", self.key),
-            })?;
-        Ok(())
+        let put = async {
+            self.store
+                .put(&self.key, value)
+                .await
+                .map_err(|e| SinkError::Checkpoint {
+                    bucket: self.bucket.clone(),
+                    detail: format!("writing key `{}`: {e}", self.key),
+                })
+                .map(|_| ())
+        };
+        match &self.denials {
+            Some(denials) => denials.guard(put).await,
+            None => put.await,
+        }
     }
 }

@@ -8,11 +8,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use async_nats::Event;
 use async_nats::jetstream;
+use async_nats::{Event, ServerError};
 use tokio::sync::watch;
 
 use super::fence::Fence;
+use super::permissions::Denials;
 use super::{JetStreamSink, SinkConfig, SinkError, acks};
 use crate::secret::Secret;
 
@@ -224,18 +225,33 @@ impl NatsAuth {
     }
 
     /// A plain client for a one-off read (`status`, `verify`): no reconnect tuning, a failure
-    /// to connect is the caller's to report.
-    pub async fn connect_once(&self, urls: &NatsUrls) -> Result<async_nats::Client, SinkError> {
-        self.connect_options(urls)
+    /// to connect is the caller's to report. Requests on it go through [`Denials::guard`], so
+    /// that a subject the user may not use fails at once, named.
+    pub async fn connect_once(
+        &self,
+        urls: &NatsUrls,
+    ) -> Result<(async_nats::Client, Denials), SinkError> {
+        let (recorder, denials) = Denials::new();
+        let client = self
+            .connect_options(urls)
             .await?
             .connection_timeout(Duration::from_secs(5))
+            .event_callback(move |event| {
+                let recorder = recorder.clone();
+                async move {
+                    if let Event::ServerError(ServerError::Other(text)) = event {
+                        recorder.server_error(&text);
+                    }
+                }
+            })
             .connect(urls.addresses())
             .await
             .map_err(|e| SinkError::Connect {
                 target: urls.to_string(),
                 detail: e.to_string(),
                 transient: true,
-            })
+            })?;
+        Ok((client, denials))
     }
 }
 
@@ -250,6 +266,7 @@ impl<T> JetStreamSink<T> {
     pub async fn connect(config: &SinkConfig) -> Result<Self, SinkError> {
         let target = config.urls.to_string();
         let (disconnected_tx, disconnected) = watch::channel(false);
+        let (recorder, denials) = Denials::new();
         let connected_once = Arc::new(AtomicBool::new(false));
         let connected_flag = connected_once.clone();
         let options = config
@@ -264,11 +281,17 @@ impl<T> JetStreamSink<T> {
             .event_callback(move |event| {
                 let disconnected_tx = disconnected_tx.clone();
                 let connected_flag = connected_flag.clone();
+                let recorder = recorder.clone();
                 async move {
                     match event {
                         Event::Connected => connected_flag.store(true, Ordering::SeqCst),
                         Event::Disconnected | Event::Closed => {
                             let _ = disconnected_tx.send(true);
+                        }
+                        // A refused subject: whatever needed it waits in vain (see
+                        // `permissions`); the session ends on it at once.
+                        Event::ServerError(ServerError::Other(text)) => {
+                            recorder.server_error(&text);
                         }
                         _ => {}
                     }
@@ -334,6 +357,7 @@ impl<T> JetStreamSink<T> {
             warned_unfenced: false,
             ack_timeout: config.ack_timeout,
             disconnected,
+            denials,
             replicas: 1,
             batch_prefix,
             batches_started: 0,

@@ -2,6 +2,7 @@
 
 use async_nats::jetstream;
 
+use super::permissions::PermissionDenied;
 use crate::event::EventRef;
 
 #[derive(Debug, thiserror::Error)]
@@ -63,48 +64,149 @@ pub enum SinkError {
          drop --atomic-transactions"
     )]
     AtomicUnsupported { version: String },
+    /// JetStream refused an atomic batch because it holds an event id the stream already
+    /// stored: the batch's transaction is in the stream (a batch sent by a session that ended
+    /// was stored after this session read the stream's end), or an id was used again.
+    #[error(
+        "JetStream refused the atomic batch of the transaction at commit LSN {commit_lsn} \
+         ({event}, the batch's first event): it holds an event id the stream already stored \
+         ({detail})",
+        commit_lsn = event.commit_lsn
+    )]
+    AtomicDuplicate { event: EventRef, detail: String },
+    /// JetStream refused an atomic batch as a batch (not one of its messages): it would be
+    /// refused again.
+    #[error(
+        "JetStream refused the atomic batch of the transaction at commit LSN {commit_lsn}: \
+         {detail}",
+        commit_lsn = event.commit_lsn
+    )]
+    AtomicRefused { event: EventRef, detail: String },
+    /// The server refused this user a subject (see [`super::permissions`]).
+    #[error(
+        "the NATS server denied this user permission to {0}: add it to the user's `{list}` \
+         permissions (what each command needs: docs/permissions.md)",
+        list = .0.operation.list()
+    )]
+    PermissionDenied(PermissionDenied),
+    /// A stream with `discard: new` reached one of its limits and refuses new messages: nothing
+    /// of it is removed, so retrying cannot help until someone makes room.
+    #[error(
+        "stream `{stream}` is full and refuses new events ({detail}; it has discard policy \
+         `new`): nothing was lost — the events wait in the replication slot, whose WAL grows on \
+         the database server until there is room. Raise the stream's limits (e.g. `nats stream \
+         edit {stream} --max-bytes …`), let its max age expire old events, or purge what every \
+         consumer has read; then start again (docs/streams.md)"
+    )]
+    StreamFull { stream: String, detail: String },
+    /// Sending or acknowledging a publish failed for a reason of the connection or the
+    /// server's state: the session restarts from the slot.
     #[error("publishing {event} failed: {detail}")]
-    Publish {
-        event: EventRef,
-        detail: String,
-        transient: bool,
-    },
+    Publish { event: EventRef, detail: String },
+}
+
+impl From<PermissionDenied> for SinkError {
+    fn from(denied: PermissionDenied) -> Self {
+        SinkError::PermissionDenied(denied)
+    }
 }
 
 impl SinkError {
     pub fn is_transient(&self) -> bool {
         match self {
-            SinkError::Connect { transient, .. } | SinkError::Publish { transient, .. } => {
-                *transient
-            }
-            SinkError::Disconnected
+            SinkError::Connect { transient, .. } => *transient,
+            SinkError::Publish { .. }
+            | SinkError::AtomicDuplicate { .. }
+            | SinkError::Disconnected
             | SinkError::Checkpoint { .. }
             | SinkError::StreamUnavailable(_)
             | SinkError::Fenced { .. } => true,
             SinkError::Stream(_)
             | SinkError::AtomicDisabled { .. }
             | SinkError::AtomicUnsupported { .. }
+            | SinkError::AtomicRefused { .. }
             | SinkError::NoStream { .. }
             | SinkError::TooLarge { .. }
-            | SinkError::Rejected { .. } => false,
+            | SinkError::Rejected { .. }
+            | SinkError::PermissionDenied(_)
+            | SinkError::StreamFull { .. } => false,
         }
     }
 
     /// The `kind` label of the publish-errors metric.
-    pub fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> PublishErrorKind {
         match self {
-            SinkError::Connect { .. } => "connect",
-            SinkError::Disconnected => "disconnected",
+            SinkError::Connect { .. } => PublishErrorKind::Connect,
+            SinkError::Disconnected => PublishErrorKind::Disconnected,
             SinkError::Stream(_)
             | SinkError::StreamUnavailable(_)
             | SinkError::AtomicDisabled { .. }
-            | SinkError::AtomicUnsupported { .. } => "stream_setup",
-            SinkError::Checkpoint { .. } => "checkpoint",
-            SinkError::NoStream { .. } => "no_stream",
-            SinkError::TooLarge { .. } => "too_large",
-            SinkError::Rejected { .. } => "rejected",
-            SinkError::Fenced { .. } => "fenced",
-            SinkError::Publish { .. } => "publish",
+            | SinkError::AtomicUnsupported { .. } => PublishErrorKind::StreamSetup,
+            SinkError::Checkpoint { .. } => PublishErrorKind::Checkpoint,
+            SinkError::NoStream { .. } => PublishErrorKind::NoStream,
+            SinkError::TooLarge { .. } => PublishErrorKind::TooLarge,
+            SinkError::Rejected { .. } => PublishErrorKind::Rejected,
+            SinkError::Fenced { .. } => PublishErrorKind::Fenced,
+            SinkError::AtomicDuplicate { .. } => PublishErrorKind::AtomicDuplicate,
+            SinkError::AtomicRefused { .. } => PublishErrorKind::AtomicRefused,
+            SinkError::Publish { .. } => PublishErrorKind::Publish,
+            SinkError::PermissionDenied(_) => PublishErrorKind::Permission,
+            SinkError::StreamFull { .. } => PublishErrorKind::StreamFull,
+        }
+    }
+}
+
+/// What kind of error a [`SinkError`] is: the `kind` label of `publish_errors_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PublishErrorKind {
+    Connect,
+    Disconnected,
+    StreamSetup,
+    Checkpoint,
+    NoStream,
+    TooLarge,
+    Rejected,
+    Fenced,
+    AtomicDuplicate,
+    AtomicRefused,
+    Publish,
+    Permission,
+    StreamFull,
+}
+
+impl PublishErrorKind {
+    /// Every kind, each exposed at 0 from the start (see [`crate::stats`]).
+    pub const ALL: [PublishErrorKind; 13] = [
+        PublishErrorKind::Connect,
+        PublishErrorKind::Disconnected,
+        PublishErrorKind::StreamSetup,
+        PublishErrorKind::Checkpoint,
+        PublishErrorKind::NoStream,
+        PublishErrorKind::TooLarge,
+        PublishErrorKind::Rejected,
+        PublishErrorKind::Fenced,
+        PublishErrorKind::AtomicDuplicate,
+        PublishErrorKind::AtomicRefused,
+        PublishErrorKind::Publish,
+        PublishErrorKind::Permission,
+        PublishErrorKind::StreamFull,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PublishErrorKind::Connect => "connect",
+            PublishErrorKind::Disconnected => "disconnected",
+            PublishErrorKind::StreamSetup => "stream_setup",
+            PublishErrorKind::Checkpoint => "checkpoint",
+            PublishErrorKind::NoStream => "no_stream",
+            PublishErrorKind::TooLarge => "too_large",
+            PublishErrorKind::Rejected => "rejected",
+            PublishErrorKind::Fenced => "fenced",
+            PublishErrorKind::AtomicDuplicate => "atomic_duplicate",
+            PublishErrorKind::AtomicRefused => "atomic_refused",
+            PublishErrorKind::Publish => "publish",
+            PublishErrorKind::Permission => "permission",
+            PublishErrorKind::StreamFull => "stream_full",
         }
     }
 }

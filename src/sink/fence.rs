@@ -56,19 +56,27 @@ pub struct StoredEvent {
     pub msg_id: Option<String>,
     /// None when the message is not outbox-cdc's.
     pub commit_lsn: Option<Lsn>,
-    /// None in messages of outbox-cdc versions that did not write it.
+    /// None on messages outbox-cdc did not publish from the WAL (a backfill's, a foreign one).
     pub row_index: Option<u32>,
     pub commit_time: Option<String>,
 }
 
 impl StoredEvent {
+    /// What the message says, trusting only what outbox-cdc writes: a WAL position only on an
+    /// event published from the WAL — never on one `backfill` re-published from the table
+    /// (`Outbox-Backfill`), whose other `Outbox-` headers, if any, came from its row.
     pub fn from_headers(headers: &HeaderMap) -> StoredEvent {
         let text = |name: &str| headers.get(name).map(|v| v.as_str().to_owned());
+        let from_wal = headers.get(header::BACKFILL).is_none();
         StoredEvent {
-            msg_id: text(header::MSG_ID),
-            commit_lsn: text(header::COMMIT_LSN).and_then(|t| t.parse().ok()),
-            row_index: text(header::ROW_INDEX).and_then(|t| t.parse().ok()),
-            commit_time: text(header::COMMIT_TIME),
+            msg_id: text(header::MSG_ID.as_ref()),
+            commit_lsn: text(header::COMMIT_LSN)
+                .and_then(|t| t.parse().ok())
+                .filter(|_| from_wal),
+            row_index: text(header::ROW_INDEX)
+                .and_then(|t| t.parse().ok())
+                .filter(|_| from_wal),
+            commit_time: text(header::COMMIT_TIME).filter(|_| from_wal),
         }
     }
 
@@ -340,6 +348,14 @@ mod tests {
         );
         let foreign = StoredEvent::from_headers(&HeaderMap::new());
         assert_eq!(foreign.commit_lsn, None);
+        // A backfilled event whose row faked a position (before rows were refused such
+        // headers) is no resume point.
+        let mut faked = HeaderMap::new();
+        faked.insert(header::BACKFILL, "true");
+        faked.insert(header::COMMIT_LSN, "FF/FFFFFFFF");
+        faked.insert(header::ROW_INDEX, "0");
+        let faked = StoredEvent::from_headers(&faked);
+        assert_eq!((faked.commit_lsn, faked.row_index), (None, None));
         assert!(
             Fence::new([summary("S", &["s.>"], Some(foreign))])
                 .end()

@@ -25,6 +25,7 @@ mod checkpoint;
 mod connect;
 mod error;
 pub mod fence;
+mod permissions;
 mod streams;
 
 use std::time::Duration;
@@ -34,13 +35,14 @@ use tokio::sync::watch;
 
 use crate::event::{EventRef, OutboxEvent};
 
-pub use acks::{Ack, AckError, AckOutcome};
-pub use batch::{BatchEvent, BatchSent, MAX_BATCHES_IN_FLIGHT, NotBatchable};
+pub use acks::{Ack, AckError, AckOutcome, Role};
+pub use batch::{BatchOutcome, BatchSent, MAX_BATCHES_IN_FLIGHT, NotBatchable};
 pub use checkpoint::Checkpoint;
 pub use connect::{NatsAuth, NatsUrlError, NatsUrls, redact_nats_url};
-pub use error::SinkError;
+pub use error::{PublishErrorKind, SinkError};
 pub use fence::{Fence, StoredEvent, StreamEnd};
-pub use streams::{StoredHeaders, StreamStart, read_headers};
+pub use permissions::{Denials, DeniedOperation, PermissionDenied};
+pub use streams::{Discard, StoredHeaders, StreamLimits, StreamSpec, StreamStart, read_headers};
 
 /// Duplicate windows shorter than this warn at start: a restart or failover slower than the window
 /// would re-publish events JetStream no longer recognises.
@@ -50,15 +52,17 @@ pub const MIN_SAFE_DUPLICATE_WINDOW: Duration = Duration::from_secs(5 * 60);
 pub struct SinkConfig {
     pub urls: NatsUrls,
     pub auth: NatsAuth,
-    /// A stream to create when missing, capturing `capture_subjects`.
-    pub stream: Option<String>,
+    /// The streams to create when missing (`--stream`: one, capturing `capture_subjects`).
+    pub streams: Vec<StreamSpec>,
     /// What outbox-cdc publishes on, where the subject template tells: `event_subjects` and the
     /// dead letters' subject.
     pub capture_subjects: Vec<String>,
     /// The events' subjects, where the subject template tells: with `atomic`, the streams that
     /// capture them must take atomic batches (checked at start).
     pub event_subjects: Vec<String>,
-    pub duplicate_window: Duration,
+    /// Copies the checkpoint's KV bucket keeps when it is created; None: as many as the
+    /// outbox's streams (see [`JetStreamSink::replicas`]).
+    pub checkpoint_replicas: Option<usize>,
     pub ack_timeout: Duration,
     pub max_in_flight: usize,
     /// Name each publish's predecessor in its stream (`Nats-Expected-Last-Msg-Id`); see
@@ -69,11 +73,22 @@ pub struct SinkConfig {
     pub atomic: bool,
 }
 
-/// A publish awaiting its ack: the row it carries, and what the caller attached (`T`).
+/// An event to publish: its message, which row it is, and what the caller attaches (`T`), which
+/// comes back with its ack.
+#[derive(Debug)]
+pub struct Outgoing<T> {
+    pub message: OutboxEvent,
+    pub event: EventRef,
+    pub tag: T,
+}
+
+/// A publish awaiting its ack: the row it carries, what the caller attached (`T`), and its part
+/// in an atomic batch.
 #[derive(Debug)]
 pub struct Published<T> {
     pub event: EventRef,
     pub tag: T,
+    pub role: Role,
 }
 
 /// How a publish went out.
@@ -101,6 +116,8 @@ pub struct JetStreamSink<T> {
     warned_unfenced: bool,
     ack_timeout: Duration,
     disconnected: watch::Receiver<bool>,
+    /// The server's permission refusals on this connection.
+    denials: Denials,
     /// The most copies a stream of the account keeps (1 until the streams are read).
     replicas: usize,
     /// Atomic batch ids are `<batch_prefix>-<n>`.
@@ -124,17 +141,20 @@ impl<T> JetStreamSink<T> {
     /// already when the session started is not sent ([`Sent::AlreadyStored`]).
     pub async fn publish(
         &mut self,
-        message: OutboxEvent,
-        event: EventRef,
-        tag: T,
+        outgoing: Outgoing<T>,
         fenced: bool,
     ) -> Result<Sent, SinkError> {
-        let OutboxEvent {
-            subject,
-            mut headers,
-            payload,
-            id,
-        } = message;
+        let Outgoing {
+            message:
+                OutboxEvent {
+                    subject,
+                    mut headers,
+                    payload,
+                    id,
+                },
+            event,
+            tag,
+        } = outgoing;
         let size = payload.len();
         let stream = self.fence.stream_of(subject.as_str());
         // A backfilled row has no WAL position (commit LSN 0/0) to resume after.
@@ -164,7 +184,6 @@ impl<T> JetStreamSink<T> {
                 return Err(SinkError::Publish {
                     event,
                     detail: "the NATS connection took no data within the ack timeout".into(),
-                    transient: true,
                 });
             }
             Ok(Err(err)) => {
@@ -179,7 +198,6 @@ impl<T> JetStreamSink<T> {
                     _ => SinkError::Publish {
                         event,
                         detail: err.to_string(),
-                        transient: true,
                     },
                 });
             }
@@ -198,7 +216,14 @@ impl<T> JetStreamSink<T> {
                  captures these subjects, run with --no-fencing"
             );
         }
-        self.acks.sent(Published { event, tag }, acks::Role::Single);
+        self.acks.sent(
+            Published {
+                event,
+                tag,
+                role: Role::Single,
+            },
+            Role::Single,
+        );
         if let Some(stream) = stream {
             self.fence.sent(stream, id);
         }
@@ -222,10 +247,13 @@ impl<T> JetStreamSink<T> {
 
     /// Turns a failed ack into an error that says what to do.
     pub async fn ack_error(&self, event: EventRef, err: AckError) -> SinkError {
+        // A publish or the ack subscription refused by the server: the ack never came.
+        if let Some(denied) = self.denials.error() {
+            return denied;
+        }
         let publish_error = |event, err: AckError| SinkError::Publish {
             event,
             detail: err.to_string(),
-            transient: true,
         };
         match err {
             // A stream may be missing, or (in a cluster) briefly leaderless.
@@ -249,6 +277,25 @@ impl<T> JetStreamSink<T> {
                     detail: api.to_string(),
                 }
             }
+            // A stream with `discard: new` at its limits: it refuses every publish until someone
+            // makes room, so retrying would only loop.
+            AckError::JetStream(api)
+                if api.error_code() == jetstream::ErrorCode::STREAM_STORE_FAILED
+                    && api.to_string().contains("maximum") =>
+            {
+                let stream = match self
+                    .context
+                    .stream_by_subject(event.subject_str().to_owned())
+                    .await
+                {
+                    Ok(name) => name,
+                    Err(_) => format!("capturing {}", event.subject_str()),
+                };
+                SinkError::StreamFull {
+                    stream,
+                    detail: api.to_string(),
+                }
+            }
             AckError::JetStream(api)
                 if api.error_code() == jetstream::ErrorCode::ATOMIC_PUBLISH_DISABLED =>
             {
@@ -262,13 +309,33 @@ impl<T> JetStreamSink<T> {
                 };
                 SinkError::AtomicDisabled { stream }
             }
+            AckError::JetStream(api)
+                if api.error_code()
+                    == jetstream::ErrorCode::ATOMIC_PUBLISH_CONTAINS_DUPLICATE_MESSAGE =>
+            {
+                SinkError::AtomicDuplicate {
+                    event,
+                    detail: api.to_string(),
+                }
+            }
             // Too many batches in flight: sent again, whole, by the next session. (An incomplete
             // batch — one of its messages refused on its own, or the batch too slow to arrive —
-            // is refused like a message: its transaction goes out event by event.)
+            // is refused like a message, below.)
             AckError::JetStream(api)
                 if api.error_code() == jetstream::ErrorCode::ATOMIC_PUBLISH_TOO_MANY_INFLIGHT =>
             {
                 publish_error(event, AckError::JetStream(api))
+            }
+            AckError::JetStream(api)
+                if api.error_code() == jetstream::ErrorCode::ATOMIC_PUBLISH_TOO_LARGE_BATCH =>
+            {
+                SinkError::AtomicRefused {
+                    event,
+                    detail: format!(
+                        "{api}. Nothing of the transaction was stored. Lower --atomic-max-batch \
+                         to the server's max_batch_size, or raise that server limit"
+                    ),
+                }
             }
             // 400: JetStream refuses this message itself (e.g. headers over 64 KiB); sending it
             // again cannot help. Other codes (503 no leader, 500) are about the server's state.
@@ -280,10 +347,19 @@ impl<T> JetStreamSink<T> {
         }
     }
 
-    /// Resolves when this sink's connection has dropped; held apart from the sink so that it can
-    /// be awaited beside [`JetStreamSink::next_ack`].
+    /// Resolves when this sink's connection has dropped or the server refused a permission on
+    /// it; held apart from the sink so that it can be awaited beside
+    /// [`JetStreamSink::next_ack`].
     pub fn connection_lost(&self) -> ConnectionLost {
-        ConnectionLost(self.disconnected.clone())
+        ConnectionLost {
+            lost: self.disconnected.clone(),
+            denials: self.denials.clone(),
+        }
+    }
+
+    /// The server's permission refusals on this connection.
+    pub fn denials(&self) -> &Denials {
+        &self.denials
     }
 
     /// Flushes what the client buffered, so that shutdown does not wait on unsent publishes.
@@ -293,13 +369,25 @@ impl<T> JetStreamSink<T> {
 }
 
 /// See [`JetStreamSink::connection_lost`].
-pub struct ConnectionLost(watch::Receiver<bool>);
+pub struct ConnectionLost {
+    lost: watch::Receiver<bool>,
+    denials: Denials,
+}
 
 impl ConnectionLost {
-    /// Resolves when the connection has dropped (and never otherwise).
-    pub async fn wait(&mut self) {
-        if self.0.wait_for(|lost| *lost).await.is_err() {
-            std::future::pending::<()>().await;
+    /// Resolves, with the error that ends the session, when the connection has dropped
+    /// ([`SinkError::Disconnected`]) or the server refused a permission on it (never
+    /// otherwise).
+    pub async fn wait(&mut self) -> SinkError {
+        let lost = async {
+            if self.lost.wait_for(|lost| *lost).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            biased;
+            denied = self.denials.wait() => denied,
+            () = lost => SinkError::Disconnected,
         }
     }
 }

@@ -1,5 +1,10 @@
-//! The streams events go to: the one `--stream` creates, their duplicate windows checked, and
-//! the account's stream list that fencing needs.
+//! The streams events go to: the ones outbox-cdc creates ([`StreamSpec`], from `--stream`), the
+//! duplicate windows of those that capture the outbox's subjects, and their ends, which fencing
+//! reads.
+//!
+//! Only streams the outbox's subjects touch are read: their names (`$JS.API.STREAM.NAMES` with
+//! a subject filter), then each one's info and last message. A NATS user allowed those streams
+//! alone is enough (docs/permissions.md).
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -12,67 +17,143 @@ use super::fence::{Fence, StoredEvent, StreamEnd, StreamSummary};
 use super::{JetStreamSink, MIN_SAFE_DUPLICATE_WINDOW, SinkConfig, SinkError};
 use crate::event::header;
 
+/// A stream outbox-cdc creates when it is missing: `--stream NAME` and the `--stream-*` flags.
+/// [`SinkConfig::streams`] holds a list of them, each capturing its own subjects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamSpec {
+    pub name: String,
+    /// The subjects it captures.
+    pub subjects: Vec<String>,
+    /// Copies of each message in a JetStream cluster (1 on a single server).
+    pub replicas: usize,
+    pub limits: StreamLimits,
+    /// JetStream drops a message whose `Nats-Msg-Id` it stored this recently: it should outlast
+    /// the longest restart, so that what a restart re-sends is recognised.
+    pub duplicate_window: Duration,
+    /// It takes atomic batches (`--atomic-transactions`).
+    pub allow_atomic: bool,
+}
+
+/// How much a stream keeps, and what it does when full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StreamLimits {
+    /// Messages older than this are removed, whether consumers read them or not (None: kept).
+    pub max_age: Option<Duration>,
+    /// The most bytes the stream holds (None: no limit of its own).
+    pub max_bytes: Option<u64>,
+    /// What happens at `max_bytes`.
+    pub discard: Discard,
+}
+
+/// What a full stream does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Discard {
+    /// It refuses new messages: outbox-cdc stops with [`SinkError::StreamFull`], and the events
+    /// wait in the replication slot. Nothing is removed.
+    #[default]
+    New,
+    /// It removes its oldest messages, whether consumers read them or not.
+    Old,
+}
+
+impl StreamSpec {
+    /// The JetStream configuration that creates it: file storage, limits retention.
+    pub fn config(&self) -> stream::Config {
+        stream::Config {
+            name: self.name.clone(),
+            subjects: self.subjects.clone(),
+            duplicate_window: self.duplicate_window,
+            storage: stream::StorageType::File,
+            num_replicas: self.replicas,
+            max_age: self.limits.max_age.unwrap_or(Duration::ZERO),
+            max_bytes: self
+                .limits
+                .max_bytes
+                .map_or(-1, |b| i64::try_from(b).unwrap_or(i64::MAX)),
+            discard: match self.limits.discard {
+                Discard::New => stream::DiscardPolicy::New,
+                Discard::Old => stream::DiscardPolicy::Old,
+            },
+            allow_atomic_publish: self.allow_atomic,
+            ..Default::default()
+        }
+    }
+
+    /// Where an existing stream of this name differs from the spec, each as `what: has, asked`.
+    /// outbox-cdc does not edit a stream it did not create.
+    pub fn differences(&self, existing: &stream::Config) -> Vec<String> {
+        let wanted = self.config();
+        let unlimited = |bytes: i64| bytes <= 0;
+        let mut found = Vec::new();
+        let mut differ = |what: &str, has: String, asked: String| {
+            if has != asked {
+                found.push(format!("{what} {has}, not {asked}"));
+            }
+        };
+        differ(
+            "replicas",
+            existing.num_replicas.max(1).to_string(),
+            wanted.num_replicas.to_string(),
+        );
+        let age = |d: Duration| match d {
+            Duration::ZERO => "unlimited".to_owned(),
+            d => humantime::format_duration(d).to_string(),
+        };
+        differ("max age", age(existing.max_age), age(wanted.max_age));
+        let bytes = |b: i64| match unlimited(b) {
+            true => "unlimited".to_owned(),
+            false => b.to_string(),
+        };
+        differ(
+            "max bytes",
+            bytes(existing.max_bytes),
+            bytes(wanted.max_bytes),
+        );
+        let discard = |d: stream::DiscardPolicy| format!("{d:?}").to_lowercase();
+        differ(
+            "discard",
+            discard(existing.discard),
+            discard(wanted.discard),
+        );
+        found
+    }
+}
+
 impl<T> JetStreamSink<T> {
-    /// Creates the configured stream if missing, checks the duplicate window of the streams
-    /// that will receive our subjects, and (with fencing) learns every stream's subjects.
+    /// Creates the configured streams that are missing, checks the duplicate windows of the
+    /// streams that will receive our subjects, and (with fencing) reads those streams' ends. A
+    /// subject the server refuses this user fails it at once, named.
     pub async fn prepare(&mut self, config: &SinkConfig) -> Result<(), SinkError> {
+        let denials = self.denials.clone();
+        denials.guard(self.prepare_streams(config)).await
+    }
+
+    async fn prepare_streams(&mut self, config: &SinkConfig) -> Result<(), SinkError> {
         if config.atomic && !self.client.is_server_compatible(2, 12, 0) {
             return Err(SinkError::AtomicUnsupported {
                 version: self.client.server_info().version,
             });
         }
-        if let Some(name) = &config.stream {
-            match self.context.get_stream(name).await {
-                Ok(_) => {}
-                Err(err)
-                    if matches!(err.kind(), jetstream::context::GetStreamErrorKind::JetStream(e)
-                        if e.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
-                {
-                    self.context
-                        .create_stream(stream::Config {
-                            name: name.clone(),
-                            subjects: config.capture_subjects.clone(),
-                            duplicate_window: config.duplicate_window,
-                            storage: stream::StorageType::File,
-                            allow_atomic_publish: config.atomic,
-                            ..Default::default()
-                        })
-                        .await
-                        .map_err(|e| {
-                            let detail = format!("creating stream `{name}`: {e}");
-                            match e.kind() {
-                                jetstream::context::CreateStreamErrorKind::TimedOut
-                                | jetstream::context::CreateStreamErrorKind::JetStreamUnavailable => {
-                                    SinkError::StreamUnavailable(detail)
-                                }
-                                jetstream::context::CreateStreamErrorKind::JetStream(e)
-                                    if e.code() >= 500 =>
-                                {
-                                    SinkError::StreamUnavailable(detail)
-                                }
-                                _ => SinkError::Stream(detail),
-                            }
-                        })?;
-                    tracing::info!(stream = %name, subjects = ?config.capture_subjects,
-                        duplicate_window = ?config.duplicate_window, "created JetStream stream");
-                }
-                Err(err) => return Err(get_stream_error(name, err)),
-            }
+        for spec in &config.streams {
+            self.ensure_stream(spec).await?;
         }
         let names = self
-            .streams_capturing(config.stream.as_ref(), &config.capture_subjects)
-            .await;
+            .streams_capturing(config, &config.capture_subjects)
+            .await?;
         if names.is_empty() && !config.capture_subjects.is_empty() {
             tracing::warn!(subjects = ?config.capture_subjects,
                 "no JetStream stream captures the outbox subjects yet; publishing will fail until one does");
         }
         // Dead letters always go out one by one: only the events' streams take batches.
         let batched = if config.atomic {
-            self.streams_capturing(config.stream.as_ref(), &config.event_subjects)
-                .await
+            self.streams_capturing(config, &config.event_subjects)
+                .await?
         } else {
             Vec::new()
         };
+        // The checkpoint keeps as many copies as the outbox's streams, unless told otherwise.
+        let mut replicas = 1;
+        let mut infos = Vec::with_capacity(names.len());
         for name in names {
             let mut stream = self
                 .context
@@ -83,6 +164,7 @@ impl<T> JetStreamSink<T> {
             let info = stream.info().await.map_err(|e| {
                 SinkError::StreamUnavailable(format!("reading stream `{name}`: {e}"))
             })?;
+            replicas = replicas.max(info.config.num_replicas);
             if batched.contains(&name) && !info.config.allow_atomic_publish {
                 return Err(SinkError::AtomicDisabled { stream: name });
             }
@@ -95,47 +177,136 @@ impl<T> JetStreamSink<T> {
             } else {
                 tracing::info!(stream = %name, duplicate_window = ?window, "JetStream stream ready");
             }
+            infos.push(info.clone());
         }
+        self.replicas = config.checkpoint_replicas.unwrap_or(replicas);
         if config.fencing {
-            self.fence = self.read_fence().await?;
+            if config.capture_subjects.is_empty() {
+                // Subjects from a column: any stream of the account may capture them.
+                infos.clear();
+                for name in self.stream_names(None).await? {
+                    let stream = self
+                        .context
+                        .get_stream(&name)
+                        .await
+                        .map_err(|e| get_stream_error(&name, e))?;
+                    infos.push(stream.cached_info().clone());
+                }
+            }
+            self.fence = self.read_fence(infos).await?;
         }
         Ok(())
     }
 
-    /// `stream` and the streams that capture `subjects`, each once.
-    async fn streams_capturing(&self, stream: Option<&String>, subjects: &[String]) -> Vec<String> {
-        let mut names: Vec<String> = stream.into_iter().cloned().collect();
-        for subject in subjects {
-            if let Ok(name) = self.context.stream_by_subject(subject.clone()).await
-                && !names.contains(&name)
-            {
-                names.push(name);
+    /// Creates the stream `spec` describes if it does not exist; an existing one is left as it
+    /// is, with a warning where it differs from the spec.
+    async fn ensure_stream(&self, spec: &StreamSpec) -> Result<(), SinkError> {
+        let name = &spec.name;
+        match self.context.get_stream(name).await {
+            Ok(stream) => {
+                let differences = spec.differences(&stream.cached_info().config);
+                if !differences.is_empty() {
+                    tracing::warn!(stream = %name, differences = %differences.join("; "),
+                        "stream `{name}` exists and differs from the --stream-* flags, which apply \
+                         only when outbox-cdc creates it; it is left as it is (change it with \
+                         `nats stream edit {name}`)");
+                }
+                Ok(())
             }
+            Err(err)
+                if matches!(err.kind(), jetstream::context::GetStreamErrorKind::JetStream(e)
+                    if e.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
+            {
+                self.context
+                    .create_stream(spec.config())
+                    .await
+                    .map_err(|e| {
+                        let detail = format!("creating stream `{name}`: {e}");
+                        match e.kind() {
+                            jetstream::context::CreateStreamErrorKind::TimedOut
+                            | jetstream::context::CreateStreamErrorKind::JetStreamUnavailable => {
+                                SinkError::StreamUnavailable(detail)
+                            }
+                            jetstream::context::CreateStreamErrorKind::JetStream(e)
+                                if e.code() >= 500 =>
+                            {
+                                SinkError::StreamUnavailable(detail)
+                            }
+                            _ => SinkError::Stream(detail),
+                        }
+                    })?;
+                tracing::info!(stream = %name, subjects = ?spec.subjects, replicas = spec.replicas,
+                    max_age = ?spec.limits.max_age, max_bytes = ?spec.limits.max_bytes,
+                    discard = ?spec.limits.discard, duplicate_window = ?spec.duplicate_window,
+                    "created JetStream stream");
+                Ok(())
+            }
+            Err(err) => Err(get_stream_error(name, err)),
         }
-        names
     }
 
-    /// Every stream of the account with its subjects and its last message: publishes are
-    /// fenced within the stream that captures them (subjects never overlap between streams),
-    /// and what a stream holds already is not sent again. Streams created later are learnt by
-    /// the next session; until then their subjects go out unfenced.
-    async fn read_fence(&mut self) -> Result<Fence, SinkError> {
-        use futures::TryStreamExt;
-        let unavailable = |what: &str, e: &dyn std::fmt::Display| {
-            SinkError::StreamUnavailable(format!("{what}: {e}"))
-        };
-        let infos: Vec<stream::Info> = self.context.streams().try_collect().await.map_err(|e| {
-            unavailable(
-                "listing the streams to fence publishes (`$JS.API.STREAM.LIST`; without that \
-                     permission, run with --no-fencing)",
-                &e,
-            )
-        })?;
-        self.replicas = infos
-            .iter()
-            .map(|info| info.config.num_replicas)
-            .max()
-            .unwrap_or(1);
+    /// The configured streams and those that capture any of `subjects`, each once.
+    async fn streams_capturing(
+        &self,
+        config: &SinkConfig,
+        subjects: &[String],
+    ) -> Result<Vec<String>, SinkError> {
+        let mut names: Vec<String> = config.streams.iter().map(|s| s.name.clone()).collect();
+        for subject in subjects {
+            for name in self.stream_names(Some(subject)).await? {
+                if !names.contains(&name) {
+                    names.push(name);
+                }
+            }
+        }
+        Ok(names)
+    }
+
+    /// The names of the streams whose subjects overlap `filter` (all without one):
+    /// `$JS.API.STREAM.NAMES`, page by page.
+    async fn stream_names(&self, filter: Option<&str>) -> Result<Vec<String>, SinkError> {
+        #[derive(serde::Deserialize)]
+        struct Page {
+            total: usize,
+            streams: Option<Vec<String>>,
+        }
+        let mut names = Vec::new();
+        loop {
+            let request = serde_json::json!({ "offset": names.len(), "subject": filter });
+            let response: jetstream::response::Response<Page> = self
+                .context
+                .request("STREAM.NAMES", &request)
+                .await
+                .map_err(|e| {
+                    SinkError::StreamUnavailable(format!(
+                        "listing the streams that capture `{}`: {e}",
+                        filter.unwrap_or(">")
+                    ))
+                })?;
+            let page = match response {
+                jetstream::response::Response::Ok(page) => page,
+                jetstream::response::Response::Err { error } => {
+                    return Err(SinkError::Stream(format!(
+                        "listing the streams that capture `{}`: {error}",
+                        filter.unwrap_or(">")
+                    )));
+                }
+            };
+            let streams = page.streams.unwrap_or_default();
+            let last_page = streams.is_empty();
+            names.extend(streams);
+            if last_page || names.len() >= page.total {
+                return Ok(names);
+            }
+        }
+    }
+
+    /// The streams that capture the outbox's subjects, with their subjects and last messages
+    /// (`infos`, read by [`JetStreamSink::prepare`]): publishes are fenced within the stream that
+    /// captures them (subjects never overlap between streams), and what a stream holds already
+    /// is not sent again. Streams created later are learnt by the next session; until then
+    /// their subjects go out unfenced.
+    async fn read_fence(&mut self, infos: Vec<stream::Info>) -> Result<Fence, SinkError> {
         let mut streams = Vec::with_capacity(infos.len());
         for info in infos {
             let name = info.config.name;
@@ -234,8 +405,9 @@ impl<T> JetStreamSink<T> {
         }
     }
 
-    /// The most copies any stream of the account keeps: the checkpoint keeps as many, so that
-    /// a cluster that serves the outbox's streams serves it too.
+    /// How many copies the checkpoint's bucket keeps when it is created: `--checkpoint-replicas`,
+    /// else the most any stream capturing the outbox's subjects keeps, so that a cluster that
+    /// serves the outbox's streams serves it too.
     pub fn replicas(&self) -> usize {
         self.replicas
     }
@@ -262,12 +434,12 @@ impl<T> JetStreamSink<T> {
     ) -> Result<HashSet<String>, SinkError> {
         let start = since.map_or(StreamStart::First, StreamStart::Time);
         let mut ids = HashSet::new();
-        read_headers(&self.context, name, start, |stored| {
+        let read = read_headers(&self.context, name, start, |stored| {
             if let Some(id) = stored.headers.get(crate::event::header::MSG_ID) {
                 ids.insert(id.as_str().to_owned());
             }
-        })
-        .await?;
+        });
+        self.denials.guard(read).await?;
         Ok(ids)
     }
 }

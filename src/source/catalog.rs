@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use tokio_postgres::error::SqlState;
 
-use super::connection::{DatabaseUrl, Host, TargetSession};
+use super::connection::{ChannelBinding, DatabaseUrl, Host, TargetSession};
 use super::error::{describe_sql_error, sql_error_is_transient};
 use super::pgoutput::{Relation, RelationColumn};
 use super::{PublicationName, SlotName, SourceError};
@@ -15,7 +15,7 @@ use crate::lsn::Lsn;
 pub const FAILOVER_SLOTS_SINCE: i32 = 170_000;
 
 /// What `pg_replication_slots` says about our slot.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SlotState {
     pub plugin: String,
     pub database: String,
@@ -87,7 +87,7 @@ impl Catalog {
     pub async fn connect(database: &DatabaseUrl) -> Result<Self, SourceError> {
         let mut tried: Vec<String> = Vec::new();
         let mut last_error = None;
-        for host in &database.hosts {
+        for host in &database.hosts_to_try() {
             let client = match connect_host(database, host).await {
                 Ok(client) => client,
                 Err(err) => {
@@ -460,6 +460,12 @@ impl Catalog {
         }
     }
 
+    /// Drops the slot (it must not be active).
+    pub async fn drop_slot(&self, slot: &SlotName) -> Result<(), SourceError> {
+        self.apply(&format!("SELECT pg_drop_replication_slot('{slot}')"))
+            .await
+    }
+
     /// Creates the slot (see [`Catalog::create_slot_sql`]); another instance having created it
     /// a moment earlier is fine.
     pub async fn create_slot(&self, slot: &SlotName) -> Result<(), SourceError> {
@@ -483,12 +489,25 @@ impl Catalog {
         &self,
         slot: &SlotName,
     ) -> Result<pgwire_replication::ReplicationClient, SourceError> {
+        if let Some(refusal) = self.database.replication_refusal() {
+            return Err(SourceError::Connect {
+                target: self.database.to_string(),
+                transient: false,
+                detail: refusal.to_owned(),
+            });
+        }
         // The publication is not used: the session never starts streaming.
         let config = self
             .database
             .replication_config(&self.host, slot.as_str(), "unused");
-        pgwire_replication::ReplicationClient::connect_gated(config)
+        self.database
+            .within_connect_timeout(pgwire_replication::ReplicationClient::connect_gated(config))
             .await
+            .map_err(|timeout| SourceError::Connect {
+                target: self.database.to_string(),
+                transient: true,
+                detail: format!("{}: {timeout}", self.host),
+            })?
             .map_err(|e| SourceError::from_wire(slot, e))
     }
 
@@ -575,15 +594,34 @@ async fn connect_host(
     host: &Host,
 ) -> Result<tokio_postgres::Client, SourceError> {
     let (config, tls) = database.sql_config(host)?;
-    let (client, connection) = config
-        .connect(tls)
+    let (client, connection) = database
+        .within_connect_timeout(config.connect(tls))
         .await
-        .map_err(|err| SourceError::Connect {
+        .map_err(|timeout| SourceError::Connect {
             target: database.to_string(),
-            transient: sql_error_is_transient(&err)
-                && err.code() != Some(&SqlState::INVALID_PASSWORD)
-                && err.code() != Some(&SqlState::INVALID_AUTHORIZATION_SPECIFICATION),
-            detail: describe_sql_error(&err),
+            transient: true,
+            detail: format!("{host}: {timeout}"),
+        })?
+        .map_err(|err| {
+            let mut detail = describe_sql_error(&err);
+            // tokio-postgres says only that the server did not use channel binding.
+            if database.channel_binding == ChannelBinding::Require
+                && detail.contains("channel binding")
+            {
+                detail.push_str(
+                    " (channel_binding=require: the server authenticated the client without \
+                     channel binding; that needs TLS and SCRAM-SHA-256 authentication, with the \
+                     password stored as SCRAM)",
+                );
+            }
+            SourceError::Connect {
+                target: database.to_string(),
+                transient: sql_error_is_transient(&err)
+                    && err.code() != Some(&SqlState::INVALID_PASSWORD)
+                    && err.code() != Some(&SqlState::INVALID_AUTHORIZATION_SPECIFICATION)
+                    && database.channel_binding != ChannelBinding::Require,
+                detail,
+            }
         })?;
     tokio::spawn(async move {
         if let Err(err) = connection.await {

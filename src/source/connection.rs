@@ -5,11 +5,23 @@
 //! hosts also as `?host=a,b&port=5432,5433`) and key/value pairs (`host=a,b port=5432
 //! dbname=app`). With several hosts, the first that is a primary is used, as libpq does with
 //! `target_session_attrs=read-write`: after a failover outbox-cdc finds the new primary itself.
+//!
+//! Every parameter is either honoured as libpq honours it, on both connections, or refused when
+//! the string is parsed (so at start, exit 2), naming it: a security setting is never weakened
+//! silently. Where the two client crates differ, the weaker decides: `pgwire-replication` cannot
+//! bind SCRAM to the TLS channel, so [`DatabaseUrl::replication_refusal`] refuses
+//! `channel_binding=require` for the replication connection, and TLS is verified whenever a root
+//! certificate is known, or refused where it cannot be. The `PG*` environment variables and
+//! `~/.pgpass` are not read; `~/.postgresql/root.crt`, `postgresql.crt` and `postgresql.key` are,
+//! as libpq reads them.
 
 use std::fmt;
-use std::path::PathBuf;
+use std::future::Future;
+use std::hash::{BuildHasher, Hasher};
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use pgwire_replication::{SslMode as WireSslMode, TlsConfig};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -52,6 +64,36 @@ impl FromStr for SslMode {
         })
     }
 }
+
+/// `channel_binding`, with libpq's meanings: SCRAM bound to the TLS channel, so that a server
+/// that only relays the authentication cannot pass it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ChannelBinding {
+    Disable,
+    /// Bind when the server offers it (libpq's default).
+    #[default]
+    Prefer,
+    /// Refuse a server that authenticates without binding (also trust, password and md5).
+    Require,
+}
+
+impl FromStr for ChannelBinding {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "disable" => Ok(ChannelBinding::Disable),
+            "prefer" => Ok(ChannelBinding::Prefer),
+            "require" => Ok(ChannelBinding::Require),
+            other => Err(format!(
+                "invalid channel_binding value `{other}` (expected disable, prefer or require)"
+            )),
+        }
+    }
+}
+
+/// The default bound on one host's connection attempt, where libpq has none.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Which of the hosts to use (`target_session_attrs`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -111,12 +153,21 @@ pub struct DatabaseUrl {
     pub user: String,
     pub password: Option<Secret>,
     pub dbname: String,
+    /// The effective mode: `require` with a root certificate is `verify-ca`, as in libpq.
     pub sslmode: SslMode,
+    /// The root certificates for `verify-ca` and `verify-full`; `None` there means the system's
+    /// (`sslrootcert=system`, Mozilla's list built in).
     pub sslrootcert: Option<PathBuf>,
     pub sslcert: Option<PathBuf>,
     pub sslkey: Option<PathBuf>,
     pub application_name: String,
     pub target_session: TargetSession,
+    /// The bound on each host's connection attempt, TLS and authentication included; `None`
+    /// waits as long as the network does (`connect_timeout=0`).
+    pub connect_timeout: Option<Duration>,
+    pub channel_binding: ChannelBinding,
+    /// `load_balance_hosts=random`: the hosts are tried in a random order.
+    pub load_balance_hosts: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -130,6 +181,7 @@ pub struct DatabaseUrlError {
 #[derive(Default)]
 struct Settings {
     hosts: Vec<String>,
+    hostaddrs: Vec<String>,
     ports: Vec<String>,
     user: String,
     password: Option<String>,
@@ -139,15 +191,59 @@ struct Settings {
     sslcert: Option<String>,
     sslkey: Option<String>,
     application_name: Option<String>,
+    fallback_application_name: Option<String>,
     target_session_attrs: Option<String>,
+    connect_timeout: Option<String>,
+    channel_binding: Option<String>,
+    load_balance_hosts: Option<String>,
 }
+
+/// libpq's connection parameters outbox-cdc does not implement: refused, not ignored.
+const LIBPQ_UNSUPPORTED: &[&str] = &[
+    "passfile",
+    "require_auth",
+    "client_encoding",
+    "options",
+    "keepalives",
+    "keepalives_idle",
+    "keepalives_interval",
+    "keepalives_count",
+    "tcp_user_timeout",
+    "replication",
+    "gssencmode",
+    "gsslib",
+    "gssdelegation",
+    "krbsrvname",
+    "sslnegotiation",
+    "sslcompression",
+    "sslpassword",
+    "sslcertmode",
+    "sslcrl",
+    "sslcrldir",
+    "sslsni",
+    "sslkeylogfile",
+    "ssl_min_protocol_version",
+    "ssl_max_protocol_version",
+    "min_protocol_version",
+    "max_protocol_version",
+    "requirepeer",
+    "requiressl",
+    "service",
+    "oauth_issuer",
+    "oauth_client_id",
+    "oauth_client_secret",
+    "oauth_scope",
+    "scram_client_key",
+    "scram_server_key",
+];
 
 impl Settings {
     /// A `key=value` setting, as in libpq's key/value form and a URL's query string.
     fn set(&mut self, key: &str, value: String) -> Result<(), String> {
         let list = |value: &str| value.split(',').map(|v| v.trim().to_owned()).collect();
         match key {
-            "host" | "hostaddr" => self.hosts = list(&value),
+            "host" => self.hosts = list(&value),
+            "hostaddr" => self.hostaddrs = list(&value),
             "port" => self.ports = list(&value),
             "user" => self.user = value,
             "password" => self.password = Some(value),
@@ -157,19 +253,46 @@ impl Settings {
             "sslcert" => self.sslcert = Some(value),
             "sslkey" => self.sslkey = Some(value),
             "application_name" => self.application_name = Some(value),
+            "fallback_application_name" => self.fallback_application_name = Some(value),
             "target_session_attrs" => self.target_session_attrs = Some(value),
-            // Accepted for compatibility with libpq; they do not change behaviour here.
-            "connect_timeout" | "channel_binding" | "load_balance_hosts" => {}
-            other => return Err(format!("unsupported parameter `{other}`")),
+            "connect_timeout" => self.connect_timeout = Some(value),
+            "channel_binding" => self.channel_binding = Some(value),
+            "load_balance_hosts" => self.load_balance_hosts = Some(value),
+            other if LIBPQ_UNSUPPORTED.contains(&other) => {
+                return Err(format!(
+                    "unsupported parameter `{other}`: outbox-cdc does not implement this libpq \
+                     parameter; remove it (see `outbox-cdc run --help`, --database-url)"
+                ));
+            }
+            other => {
+                return Err(format!(
+                    "unsupported parameter `{other}`: not a libpq connection parameter"
+                ));
+            }
         }
         Ok(())
     }
 
     fn check(self) -> Result<DatabaseUrl, String> {
-        let names = if self.hosts.iter().all(String::is_empty) {
-            vec!["localhost".to_owned()]
-        } else {
-            self.hosts
+        self.check_in(home_dir().as_deref())
+    }
+
+    /// Checks the settings; `home` is where `~/.postgresql` is looked for.
+    fn check_in(self, home: Option<&Path>) -> Result<DatabaseUrl, String> {
+        let given = |list: &[String]| !list.iter().all(String::is_empty);
+        let names = match (given(&self.hosts), given(&self.hostaddrs)) {
+            // libpq connects to hostaddr and verifies the certificate against host (and looks
+            // the password up under it): two names for one server this does not keep apart.
+            (true, true) => {
+                return Err(
+                    "hostaddr together with host is not supported: give host (a name or an \
+                     address) alone"
+                        .into(),
+                );
+            }
+            (true, false) => self.hosts,
+            (false, true) => self.hostaddrs,
+            (false, false) => vec!["localhost".to_owned()],
         };
         let ports: Vec<u16> = self
             .ports
@@ -206,14 +329,38 @@ impl Settings {
         if self.user.is_empty() {
             return Err("no user name (postgres://USER@host/db, or user=USER)".into());
         }
-        let mut sslmode = match &self.sslmode {
-            Some(mode) => mode.parse()?,
-            None => SslMode::default(),
+        let explicit_mode: Option<SslMode> = self.sslmode.as_deref().map(str::parse).transpose()?;
+        let tls = Tls::check(
+            explicit_mode,
+            self.sslrootcert.as_deref(),
+            self.sslcert.map(PathBuf::from),
+            self.sslkey.map(PathBuf::from),
+            hosts.iter().all(Host::is_socket),
+            home,
+        )?;
+        let connect_timeout = match self.connect_timeout.as_deref().map(str::trim) {
+            None | Some("") => Some(DEFAULT_CONNECT_TIMEOUT),
+            Some(text) => match text.parse::<i64>() {
+                // As libpq: zero or less waits indefinitely, and less than 2 s is 2 s.
+                Ok(seconds) if seconds <= 0 => None,
+                Ok(seconds) => Some(Duration::from_secs(seconds.max(2) as u64)),
+                Err(_) => {
+                    return Err(format!(
+                        "invalid integer value `{text}` for connection option `connect_timeout` \
+                         (whole seconds, e.g. connect_timeout=10)"
+                    ));
+                }
+            },
         };
-        if hosts.iter().all(Host::is_socket) {
-            // TLS does not apply to Unix sockets; libpq ignores sslmode there too.
-            sslmode = SslMode::Disable;
-        }
+        let load_balance_hosts = match self.load_balance_hosts.as_deref() {
+            None | Some("disable") => false,
+            Some("random") => true,
+            Some(other) => {
+                return Err(format!(
+                    "invalid load_balance_hosts value `{other}` (expected disable or random)"
+                ));
+            }
+        };
         Ok(DatabaseUrl {
             hosts,
             dbname: if self.dbname.is_empty() {
@@ -223,17 +370,140 @@ impl Settings {
             },
             user: self.user,
             password: self.password.map(Secret::new),
-            sslmode,
-            sslrootcert: self.sslrootcert.map(PathBuf::from),
-            sslcert: self.sslcert.map(PathBuf::from),
-            sslkey: self.sslkey.map(PathBuf::from),
+            sslmode: tls.mode,
+            sslrootcert: tls.root,
+            sslcert: tls.cert,
+            sslkey: tls.key,
             application_name: self
                 .application_name
+                .or(self.fallback_application_name)
                 .unwrap_or_else(|| "outbox-cdc".to_owned()),
             target_session: match &self.target_session_attrs {
                 Some(attrs) => attrs.parse()?,
                 None => TargetSession::default(),
             },
+            connect_timeout,
+            channel_binding: match &self.channel_binding {
+                Some(binding) => binding.parse()?,
+                None => ChannelBinding::default(),
+            },
+            load_balance_hosts,
+        })
+    }
+}
+
+/// `$HOME`, where libpq finds `~/.postgresql`.
+fn home_dir() -> Option<PathBuf> {
+    std::env::var_os("HOME")
+        .filter(|home| !home.is_empty())
+        .map(PathBuf::from)
+}
+
+/// The TLS settings as libpq applies them.
+struct Tls {
+    mode: SslMode,
+    root: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+}
+
+impl Tls {
+    fn check(
+        explicit: Option<SslMode>,
+        rootcert: Option<&str>,
+        cert: Option<PathBuf>,
+        key: Option<PathBuf>,
+        sockets_only: bool,
+        home: Option<&Path>,
+    ) -> Result<Tls, String> {
+        if sockets_only {
+            // TLS does not apply to Unix sockets; libpq ignores sslmode there too.
+            return Ok(Tls {
+                mode: SslMode::Disable,
+                root: None,
+                cert: None,
+                key: None,
+            });
+        }
+        let in_home = |name: &str| {
+            home.map(|home| home.join(".postgresql").join(name))
+                .filter(|path| path.exists())
+        };
+        let mode_name = |mode: SslMode| match mode {
+            SslMode::Disable => "disable",
+            SslMode::Prefer => "prefer",
+            SslMode::Require => "require",
+            SslMode::VerifyCa => "verify-ca",
+            SslMode::VerifyFull => "verify-full",
+        };
+        let (mode, root) = match rootcert {
+            Some("system") => match explicit {
+                None | Some(SslMode::VerifyFull) => (SslMode::VerifyFull, None),
+                Some(weak) => {
+                    return Err(format!(
+                        "weak sslmode `{}` may not be used with sslrootcert=system (use \
+                         verify-full)",
+                        mode_name(weak)
+                    ));
+                }
+            },
+            Some(path) => (explicit.unwrap_or_default(), Some(PathBuf::from(path))),
+            None => (explicit.unwrap_or_default(), in_home("root.crt")),
+        };
+        let mode = match (mode, &root) {
+            (SslMode::Disable, _) => SslMode::Disable,
+            (SslMode::VerifyCa | SslMode::VerifyFull, None) if rootcert != Some("system") => {
+                return Err(format!(
+                    "sslmode={} needs the certificate authority to verify the server with: \
+                     sslrootcert=FILE, sslrootcert=system for the system's, or \
+                     ~/.postgresql/root.crt (not found)",
+                    mode_name(mode)
+                ));
+            }
+            // libpq: with a root certificate, `require` verifies the chain.
+            (SslMode::Require, Some(_)) => SslMode::VerifyCa,
+            // libpq verifies an optional TLS connection too when it has a root certificate;
+            // the replication connection cannot make TLS optional and verified at once.
+            (SslMode::Prefer, Some(root)) => {
+                return Err(format!(
+                    "sslmode={} with a root certificate ({}): libpq would verify the server's \
+                     certificate whenever the server offers TLS, which outbox-cdc cannot do for \
+                     an optional TLS connection; give sslmode=require, verify-ca or verify-full",
+                    explicit.map_or("prefer (the default)", mode_name),
+                    root.display()
+                ));
+            }
+            (mode, _) => mode,
+        };
+        let (cert, key) = match (cert, key) {
+            (Some(cert), key) => {
+                let key = key.or_else(|| in_home("postgresql.key"));
+                (Some(cert), key)
+            }
+            (None, key) => match in_home("postgresql.crt") {
+                Some(cert) => (Some(cert), key.or_else(|| in_home("postgresql.key"))),
+                None => (None, key),
+            },
+        };
+        let (cert, key) = match (cert, key, mode) {
+            (_, _, SslMode::Disable) => (None, None),
+            (Some(cert), None, _) => {
+                return Err(format!(
+                    "certificate present ({}), but not its private key: give sslkey, or put it \
+                     in ~/.postgresql/postgresql.key",
+                    cert.display()
+                ));
+            }
+            (None, Some(_), _) => {
+                return Err("sslkey without sslcert: give both".into());
+            }
+            (cert, key, _) => (cert, key),
+        };
+        Ok(Tls {
+            mode,
+            root: if mode == SslMode::Disable { None } else { root },
+            cert,
+            key,
         })
     }
 }
@@ -356,27 +626,12 @@ fn parse_key_values(text: &str) -> Result<Settings, String> {
     Ok(settings)
 }
 
+/// A URL part's percent-encoding undone, as for the NATS URL (`crate::sink::NatsUrls`).
 fn percent_decode(s: &str) -> Result<String, String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%'
-            && i + 2 < bytes.len()
-            && let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2]))
-        {
-            out.push(h << 4 | l);
-            i += 3;
-            continue;
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8(out).map_err(|_| "percent-encoding is not valid UTF-8".to_owned())
-}
-
-fn hex(b: u8) -> Option<u8> {
-    (b as char).to_digit(16).map(|d| d as u8)
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8()
+        .map(|text| text.into_owned())
+        .map_err(|_| "percent-encoding is not valid UTF-8".to_owned())
 }
 
 /// The connection string with any password replaced by `***`, for messages and logs. Works on
@@ -470,6 +725,11 @@ impl fmt::Debug for DatabaseUrl {
 #[error("TLS setup for PostgreSQL failed: {0}")]
 pub struct TlsSetupError(String);
 
+/// A host that did not complete the connection within `connect_timeout`.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("no connection within connect_timeout ({}s)", .0.as_secs())]
+pub struct ConnectTimeout(pub Duration);
+
 impl DatabaseUrl {
     /// Settings for an ordinary SQL connection to `host`, with its TLS connector.
     pub fn sql_config(
@@ -493,7 +753,17 @@ impl DatabaseUrl {
             .user(&self.user)
             .dbname(&self.dbname)
             .application_name(&self.application_name)
-            .connect_timeout(std::time::Duration::from_secs(10))
+            .channel_binding(match self.channel_binding {
+                ChannelBinding::Disable => tokio_postgres::config::ChannelBinding::Disable,
+                ChannelBinding::Prefer => tokio_postgres::config::ChannelBinding::Prefer,
+                ChannelBinding::Require => tokio_postgres::config::ChannelBinding::Require,
+            })
+            // The addresses one name resolves to, in a random order too.
+            .load_balance_hosts(if self.load_balance_hosts {
+                tokio_postgres::config::LoadBalanceHosts::Random
+            } else {
+                tokio_postgres::config::LoadBalanceHosts::Disable
+            })
             // A peer that vanished without FIN or RST: the kernel gives up on the connection
             // within about half a minute instead of retransmitting for a quarter of an hour.
             .keepalives_idle(std::time::Duration::from_secs(15))
@@ -508,8 +778,53 @@ impl DatabaseUrl {
         if let Some(password) = &self.password {
             config.password(password.expose());
         }
+        if let Some(timeout) = self.connect_timeout {
+            config.connect_timeout(timeout);
+        }
         let tls = tokio_postgres_rustls::MakeRustlsConnect::new(self.rustls_config()?);
         Ok((config, tls))
+    }
+
+    /// The hosts in the order to try them: as given, or shuffled with `load_balance_hosts=random`.
+    pub fn hosts_to_try(&self) -> Vec<Host> {
+        let mut hosts = self.hosts.clone();
+        if self.load_balance_hosts {
+            // Fisher-Yates, seeded by the standard library's per-process random keys.
+            let random = std::collections::hash_map::RandomState::new();
+            for i in (1..hosts.len()).rev() {
+                let mut hasher = random.build_hasher();
+                hasher.write_usize(i);
+                let j = (hasher.finish() % (i as u64 + 1)) as usize;
+                hosts.swap(i, j);
+            }
+        }
+        hosts
+    }
+
+    /// Runs one host's connection attempt (TCP, TLS, authentication) within `connect_timeout`,
+    /// as libpq bounds it.
+    pub async fn within_connect_timeout<F: Future>(
+        &self,
+        connect: F,
+    ) -> Result<F::Output, ConnectTimeout> {
+        match self.connect_timeout {
+            Some(limit) => tokio::time::timeout(limit, connect)
+                .await
+                .map_err(|_| ConnectTimeout(limit)),
+            None => Ok(connect.await),
+        }
+    }
+
+    /// Why a replication connection (`pgwire-replication`) cannot keep this string's promises,
+    /// if it cannot: it authenticates with SCRAM-SHA-256 without channel binding, so it would
+    /// connect where libpq with `channel_binding=require` refuses.
+    pub fn replication_refusal(&self) -> Option<&'static str> {
+        (self.channel_binding == ChannelBinding::Require).then_some(
+            "channel_binding=require: the replication connection cannot bind its authentication \
+             to the TLS channel (pgwire-replication has no SCRAM-SHA-256-PLUS), and outbox-cdc \
+             does not connect without what you required; authenticate the server with \
+             sslmode=verify-full instead",
+        )
     }
 
     fn rustls_config(&self) -> Result<ClientConfig, TlsSetupError> {
@@ -824,6 +1139,158 @@ mod tests {
             let err = bad.parse::<DatabaseUrl>().unwrap_err().to_string();
             assert!(err.contains(why), "{bad}: {err}");
         }
+    }
+
+    /// Parses `text` with `home` as `$HOME`.
+    fn parse_in(text: &str, home: &std::path::Path) -> Result<DatabaseUrl, String> {
+        let settings = match text.split_once("://") {
+            Some((_, rest)) => parse_url(rest)?,
+            None => parse_key_values(text)?,
+        };
+        settings.check_in(Some(home))
+    }
+
+    #[test]
+    fn keeps_libpqs_promises_or_refuses_naming_the_parameter() {
+        let home = tempfile::tempdir().unwrap();
+        let parse = |text: &str| parse_in(text, home.path());
+        let url = parse("postgres://u@h/d").unwrap();
+        assert_eq!(url.connect_timeout, Some(DEFAULT_CONNECT_TIMEOUT));
+        assert_eq!(url.channel_binding, ChannelBinding::Prefer);
+        assert!(!url.load_balance_hosts);
+        for (timeout, expected) in [("5", Some(5)), ("1", Some(2)), ("0", None), ("-3", None)] {
+            let url = parse(&format!("postgres://u@h/d?connect_timeout={timeout}")).unwrap();
+            assert_eq!(
+                url.connect_timeout,
+                expected.map(Duration::from_secs),
+                "{timeout}"
+            );
+        }
+        let url = parse(
+            "host=h user=u channel_binding=require load_balance_hosts=random \
+                         fallback_application_name=orders",
+        )
+        .unwrap();
+        assert_eq!(url.channel_binding, ChannelBinding::Require);
+        assert!(url.replication_refusal().is_some());
+        assert!(url.load_balance_hosts);
+        assert_eq!(url.application_name, "orders");
+        let url = parse("host=h user=u application_name=a fallback_application_name=b").unwrap();
+        assert_eq!(url.application_name, "a");
+        let url = parse("hostaddr=10.0.0.1 port=6000 user=u").unwrap();
+        assert_eq!(url.hosts, [host("10.0.0.1", 6000)]);
+        for (bad, why) in [
+            (
+                "postgres://u@h/d?connect_timeout=abc",
+                "`abc` for connection option `connect_timeout`",
+            ),
+            ("postgres://u@h/d?connect_timeout=10s", "`connect_timeout`"),
+            (
+                "postgres://u@h/d?channel_binding=always",
+                "invalid channel_binding value `always`",
+            ),
+            (
+                "postgres://u@h/d?load_balance_hosts=yes",
+                "invalid load_balance_hosts value `yes`",
+            ),
+            (
+                "host=a hostaddr=10.0.0.1 user=u",
+                "hostaddr together with host",
+            ),
+            (
+                "postgres://u@h/d?sslcrl=/crl.pem",
+                "`sslcrl`: outbox-cdc does not implement",
+            ),
+            (
+                "postgres://u@h/d?require_auth=scram-sha-256",
+                "`require_auth`: outbox-cdc does not",
+            ),
+            (
+                "postgres://u@h/d?frobnicate=1",
+                "`frobnicate`: not a libpq connection parameter",
+            ),
+        ] {
+            let err = parse(bad).unwrap_err();
+            assert!(err.contains(why), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn verifies_the_server_whenever_libpq_would() {
+        let home = tempfile::tempdir().unwrap();
+        let parse = |text: &str| parse_in(text, home.path());
+        // verify-* needs a root certificate: none given, none in ~/.postgresql.
+        let err = parse("postgres://u@h/d?sslmode=verify-full").unwrap_err();
+        assert!(
+            err.contains("sslmode=verify-full needs the certificate authority"),
+            "{err}"
+        );
+        assert!(err.contains("~/.postgresql/root.crt"), "{err}");
+        // `system`: the system's roots, verify-full unless said otherwise, nothing weaker.
+        let url = parse("postgres://u@h/d?sslrootcert=system").unwrap();
+        assert_eq!((url.sslmode, url.sslrootcert), (SslMode::VerifyFull, None));
+        let err = parse("postgres://u@h/d?sslrootcert=system&sslmode=require").unwrap_err();
+        assert!(err.contains("weak sslmode `require`"), "{err}");
+        // With a root certificate, `require` verifies the chain; `prefer` cannot.
+        let url = parse("postgres://u@h/d?sslmode=require&sslrootcert=/ca.pem").unwrap();
+        assert_eq!(url.sslmode, SslMode::VerifyCa);
+        let err = parse("postgres://u@h/d?sslrootcert=/ca.pem").unwrap_err();
+        assert!(
+            err.contains("sslmode=prefer (the default) with a root certificate"),
+            "{err}"
+        );
+        assert_eq!(
+            parse("postgres://u@h/d?sslmode=require").unwrap().sslmode,
+            SslMode::Require
+        );
+        // ~/.postgresql, as libpq reads it.
+        let dir = home.path().join(".postgresql");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(dir.join("root.crt"), "").unwrap();
+        let url = parse("postgres://u@h/d?sslmode=verify-ca").unwrap();
+        assert_eq!(url.sslrootcert, Some(dir.join("root.crt")));
+        assert_eq!(
+            parse("postgres://u@h/d?sslmode=require").unwrap().sslmode,
+            SslMode::VerifyCa
+        );
+        assert!(
+            parse("postgres://u@h/d").is_err(),
+            "prefer with a root certificate"
+        );
+        assert_eq!(
+            parse("postgres://u@h/d?sslmode=disable")
+                .unwrap()
+                .sslrootcert,
+            None
+        );
+        std::fs::write(dir.join("postgresql.crt"), "").unwrap();
+        let err = parse("postgres://u@h/d?sslmode=require").unwrap_err();
+        assert!(err.contains("but not its private key"), "{err}");
+        std::fs::write(dir.join("postgresql.key"), "").unwrap();
+        let url = parse("postgres://u@h/d?sslmode=require").unwrap();
+        assert_eq!(url.sslcert, Some(dir.join("postgresql.crt")));
+        assert_eq!(url.sslkey, Some(dir.join("postgresql.key")));
+        // Unix sockets: no TLS, whatever is around.
+        let url = parse("postgres://u@/d?host=/tmp&sslmode=verify-full").unwrap();
+        assert_eq!((url.sslmode, url.sslcert), (SslMode::Disable, None));
+    }
+
+    #[test]
+    fn random_load_balancing_tries_every_host_in_some_order() {
+        let url: DatabaseUrl = "postgres://u@a,b,c,d,e/d?load_balance_hosts=random"
+            .parse()
+            .unwrap();
+        let mut orders = std::collections::HashSet::new();
+        for _ in 0..50 {
+            let hosts = url.hosts_to_try();
+            let mut sorted = hosts.clone();
+            sorted.sort_by(|x, y| x.name.cmp(&y.name));
+            assert_eq!(sorted, url.hosts);
+            orders.insert(hosts.iter().map(|h| h.name.clone()).collect::<String>());
+        }
+        assert!(orders.len() > 5, "{orders:?}");
+        let url: DatabaseUrl = "postgres://u@a,b,c/d".parse().unwrap();
+        assert_eq!(url.hosts_to_try(), url.hosts);
     }
 
     #[test]

@@ -155,6 +155,19 @@ impl SourceError {
         }
         let transient = match &err {
             PgWireError::Io(_) | PgWireError::Task(_) => true,
+            // `recv` takes the worker's join handle once the worker has ended; a `select!` that
+            // cancels `recv` while it waits on that handle loses the worker's own error, and the
+            // next `recv` says only this. The worker ended, so the connection is gone (its
+            // cause is logged by pgwire_replication): reconnect, and the next session's checks
+            // name anything a retry cannot fix.
+            PgWireError::Internal(detail) if detail.contains("already joined") => {
+                return SourceError::Replication {
+                    detail: "the replication connection ended (its cause is logged just before \
+                             by pgwire_replication)"
+                        .to_owned(),
+                    transient: true,
+                };
+            }
             PgWireError::Server(_) => sqlstate_is_transient(sqlstate),
             _ => false,
         };
@@ -257,5 +270,22 @@ mod tests {
             PgWireError::Auth("password authentication failed".into()),
         );
         assert!(!auth.is_transient());
+    }
+
+    /// CI caught this on PostgreSQL 18: a crash (`pg_ctl stop -m immediate`) ended the worker
+    /// while the session's `select!` had cancelled `recv` mid-join, and the process exited on
+    /// "internal error: replication worker already joined" instead of reconnecting.
+    #[test]
+    fn a_worker_joined_by_a_cancelled_recv_is_a_lost_connection_not_a_bug() {
+        let slot: SlotName = "s".parse().unwrap();
+        let joined = SourceError::from_wire(
+            &slot,
+            PgWireError::Internal("replication worker already joined".into()),
+        );
+        assert!(joined.is_transient(), "{joined:?}");
+        assert!(joined.to_string().contains("replication connection ended"));
+
+        let other = SourceError::from_wire(&slot, PgWireError::Internal("bad state".into()));
+        assert!(!other.is_transient(), "{other:?}");
     }
 }

@@ -12,7 +12,7 @@ use super::{SlotName, SourceConfig, SourceError};
 use crate::lsn::Lsn;
 
 /// One event of the replication stream, in WAL order.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum WalEvent {
     /// A transaction starts; `commit_lsn` is where it committed.
     Begin {
@@ -143,6 +143,13 @@ impl ReplicationStream {
     ) -> Result<PendingStream, SourceError> {
         let db = &config.database;
         let host = catalog.host();
+        if let Some(refusal) = db.replication_refusal() {
+            return Err(SourceError::Connect {
+                target: db.to_string(),
+                transient: false,
+                detail: refusal.to_owned(),
+            });
+        }
         let mut wire = db
             .replication_config(host, config.slot.as_str(), config.publication.as_str())
             // 0/0: the server starts at the slot's confirmed position. A slot cannot rewind.
@@ -159,8 +166,14 @@ impl ReplicationStream {
         let wire_error = |e| SourceError::from_wire(&config.slot, e);
         // Gated: learn the walsender's pid and the server's identity on the session itself
         // before it starts streaming.
-        let mut client = ReplicationClient::connect_gated(wire)
+        let mut client = db
+            .within_connect_timeout(ReplicationClient::connect_gated(wire))
             .await
+            .map_err(|timeout| SourceError::Connect {
+                target: db.to_string(),
+                transient: true,
+                detail: format!("{host}: {timeout}"),
+            })?
             .map_err(wire_error)?;
         let rows = client
             .simple_query("SELECT pg_backend_pid()")
@@ -189,7 +202,9 @@ impl ReplicationStream {
         })
     }
 
-    /// The next event. Cancel-safe.
+    /// The next event. Cancel-safe for events; a cancel while the worker is ending loses only
+    /// the worker's own error (pgwire_replication logs it), which the next call reports as a
+    /// lost connection (see `SourceError::from_wire`).
     pub async fn next(&mut self) -> Result<WalEvent, SourceError> {
         let received = tokio::select! {
             biased;

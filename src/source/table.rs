@@ -1,8 +1,11 @@
-//! Rows read back from an outbox table with SQL (for `backfill`): in a stable order, in batches,
-//! all from one snapshot, every value in PostgreSQL's text output — as pgoutput sends it — so
-//! the mapping treats them exactly as rows read from the WAL.
-
-use tokio_postgres::SimpleQueryMessage;
+//! Rows read back from an outbox table with SQL (for `backfill` and `verify`): in a stable
+//! order, in batches, all from one snapshot, every value in PostgreSQL's text output — as
+//! pgoutput sends it — so the mapping treats them exactly as rows read from the WAL.
+//!
+//! The predicate (`--where`, `--initial-backfill`) is the user's SQL. It runs in a `READ ONLY`
+//! transaction, and only ever inside one statement sent with the extended protocol, which takes
+//! exactly one: a predicate can neither write nor end the transaction to run statements of its
+//! own.
 
 use super::SourceError;
 use super::catalog::Catalog;
@@ -53,11 +56,12 @@ impl TableQuery {
         )
     }
 
+    /// Every column, as text (its type's output function, as pgoutput sends it).
     fn columns(&self) -> String {
         self.table
             .columns
             .iter()
-            .map(|c| quote_ident(&c.name))
+            .map(|c| format!("{}::text", quote_ident(&c.name)))
             .collect::<Vec<_>>()
             .join(", ")
     }
@@ -82,15 +86,19 @@ impl TableReader {
     ) -> Result<(TableReader, Selection), SourceError> {
         let database = catalog.database();
         let (config, tls) = database.sql_config(catalog.host())?;
-        let (client, connection) =
-            config
-                .connect(tls)
-                .await
-                .map_err(|err| SourceError::Connect {
-                    target: database.to_string(),
-                    transient: sql_error_is_transient(&err),
-                    detail: describe_sql_error(&err),
-                })?;
+        let (client, connection) = database
+            .within_connect_timeout(config.connect(tls))
+            .await
+            .map_err(|timeout| SourceError::Connect {
+                target: database.to_string(),
+                transient: true,
+                detail: format!("{}: {timeout}", catalog.host()),
+            })?
+            .map_err(|err| SourceError::Connect {
+                target: database.to_string(),
+                transient: sql_error_is_transient(&err),
+                detail: describe_sql_error(&err),
+            })?;
         tokio::spawn(async move {
             if let Err(err) = connection.await {
                 tracing::debug!(error = %err, "backfill connection to PostgreSQL closed");
@@ -115,7 +123,7 @@ impl TableReader {
             .await?;
         let count = reader
             .rows(
-                &format!("SELECT count(*) {}", query.source_clause()),
+                &format!("SELECT count(*)::text {}", query.source_clause()),
                 "counting the rows to backfill",
             )
             .await?;
@@ -141,16 +149,18 @@ impl TableReader {
             .await?
             .pop();
         reader
-            .run(
+            .client
+            .execute(
                 &format!(
                     "DECLARE outbox_backfill NO SCROLL CURSOR FOR SELECT {} {} ORDER BY {}",
                     query.columns(),
                     query.source_clause(),
                     query.order(false)
                 ),
-                "opening the backfill's cursor",
+                &[],
             )
-            .await?;
+            .await
+            .map_err(|e| SourceError::query("opening the backfill's cursor", e))?;
         Ok((reader, Selection { rows, first, last }))
     }
 
@@ -163,6 +173,7 @@ impl TableReader {
         .await
     }
 
+    /// Our own statements, without the user's SQL.
     async fn run(&self, sql: &str, context: &str) -> Result<(), SourceError> {
         self.client
             .batch_execute(sql)
@@ -170,23 +181,21 @@ impl TableReader {
             .map_err(|e| SourceError::query(context, e))
     }
 
+    /// One statement (the extended protocol refuses more), every column text.
     async fn rows(&self, sql: &str, context: &str) -> Result<Vec<TextRow>, SourceError> {
-        let messages = self
+        let rows = self
             .client
-            .simple_query(sql)
+            .query(sql, &[])
             .await
             .map_err(|e| SourceError::query(context, e))?;
-        Ok(messages
-            .into_iter()
-            .filter_map(|message| match message {
-                SimpleQueryMessage::Row(row) => Some(
-                    (0..row.len())
-                        .map(|i| row.get(i).map(str::to_owned))
-                        .collect(),
-                ),
-                _ => None,
+        rows.iter()
+            .map(|row| {
+                (0..row.len())
+                    .map(|i| row.try_get::<_, Option<String>>(i))
+                    .collect::<Result<TextRow, _>>()
+                    .map_err(|e| SourceError::query(context, e))
             })
-            .collect())
+            .collect()
     }
 }
 
@@ -220,7 +229,7 @@ mod tests {
             query.source_clause(),
             "FROM \"app\".\"Outbox\" WHERE (published_at IS NULL)"
         );
-        assert_eq!(query.columns(), "\"id\", \"created_at\"");
+        assert_eq!(query.columns(), "\"id\"::text, \"created_at\"::text");
         assert_eq!(query.order(true), "\"created_at\" DESC, \"id\" DESC");
     }
 }

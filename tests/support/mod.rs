@@ -9,7 +9,7 @@
 
 use std::collections::HashSet;
 use std::io::Read;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -214,6 +214,19 @@ impl TestEnv {
         ]
     }
 
+    /// Arguments every `backfill` in a test gets: the servers and `run`'s mapping (backfill takes
+    /// only the flags it uses, not the slot's, the status interval or the HTTP endpoint).
+    pub fn backfill_args(&self) -> Vec<String> {
+        vec![
+            "--database-url".into(),
+            self.database_url.clone(),
+            "--nats-url".into(),
+            self.nats_url.clone(),
+            "--subject-template".into(),
+            self.subject_template(),
+        ]
+    }
+
     /// Starts the publisher with the common arguments plus `extra`.
     pub fn publisher(&self, extra: &[&str]) -> Publisher {
         let mut args = self.publisher_args();
@@ -301,6 +314,32 @@ impl Pki {
     }
 }
 
+/// Three `nats-server`s in a cluster on loopback (JetStream on each; its meta leader is
+/// elected a moment after they start).
+pub async fn nats_cluster() -> Vec<EmbeddedNats> {
+    let ports: Vec<u16> = (0..3)
+        .map(|_| outbox_cdc::embedded::free_port().expect("port"))
+        .collect();
+    let routes: Vec<String> = ports
+        .iter()
+        .map(|p| format!("nats-route://127.0.0.1:{p}"))
+        .collect();
+    let mut nodes = Vec::new();
+    for (i, port) in ports.iter().enumerate() {
+        let config = format!(
+            "server_name: n{i}\ncluster {{ name: outbox_test, listen: 127.0.0.1:{port}, routes: [{}] }}",
+            routes.join(", ")
+        );
+        nodes.push(
+            tokio::task::spawn_blocking(move || EmbeddedNats::start_with_config(&config))
+                .await
+                .expect("join")
+                .expect("start cluster node"),
+        );
+    }
+    nodes
+}
+
 /// A comma-separated URL list as server addresses.
 pub fn server_addrs(urls: &str) -> Vec<async_nats::ServerAddr> {
     urls.split(',')
@@ -382,8 +421,9 @@ impl Oracle {
         .await
     }
 
-    /// The events `event_id` finds in the slot's committed transactions, in commit order.
-    async fn committed(
+    /// The events `event_id` finds in the slot's committed transactions (each `test_decoding`
+    /// line), in commit order.
+    pub async fn committed(
         &self,
         env: &TestEnv,
         event_id: impl Fn(&str) -> Option<String>,
@@ -426,12 +466,18 @@ pub struct Publisher {
 
 impl Publisher {
     pub fn start(args: &[String]) -> Publisher {
+        Self::start_with_env(args, &[])
+    }
+
+    /// As [`Publisher::start`], with these environment variables set too.
+    pub fn start_with_env(args: &[String], env: &[(&str, &str)]) -> Publisher {
         let dir = tempfile::tempdir().expect("tempdir");
         let log = dir.path().join("publisher.log");
         let file = std::fs::File::create(&log).expect("log file");
         let child = Command::new(env!("CARGO_BIN_EXE_outbox-cdc"))
             .arg("run")
             .args(args)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info,outbox_cdc=debug")
             .env_remove("DATABASE_URL")
             .env_remove("NATS_URL")
@@ -839,4 +885,52 @@ pub async fn wait_for_metric(publisher: &Publisher, name: &str, want: f64) -> St
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// A Python interpreter with `requirements` (a pip requirements file) installed:
+/// `OUTBOX_CDC_PYTHON` when set (it must have every test's requirements), else a virtualenv
+/// made once under the target directory (from PyPI) and reused while the file is unchanged.
+pub fn python_venv(requirements: &Path, name: &str) -> PathBuf {
+    if let Ok(python) = std::env::var("OUTBOX_CDC_PYTHON") {
+        return python.into();
+    }
+    let run_ok = |command: &mut Command| {
+        let output = command.output().expect("run a command");
+        assert!(
+            output.status.success(),
+            "{command:?}: {}",
+            output_text(&output)
+        );
+    };
+    let wanted = std::fs::read_to_string(requirements).expect("read requirements");
+    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let python = venv.join("bin/python");
+    let installed = |dir: &Path| std::fs::read_to_string(dir.join("requirements.txt")).ok();
+    if python.exists() && installed(&venv).as_deref() == Some(wanted.as_str()) {
+        return python;
+    }
+    // Built aside and renamed into place: tests run side by side in several processes.
+    let fresh = venv.with_extension(std::process::id().to_string());
+    let _ = std::fs::remove_dir_all(&fresh);
+    run_ok(Command::new("python3").args(["-m", "venv"]).arg(&fresh));
+    run_ok(
+        Command::new(fresh.join("bin/python"))
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "-r",
+            ])
+            .arg(requirements),
+    );
+    std::fs::write(fresh.join("requirements.txt"), &wanted).expect("stamp");
+    if installed(&venv).as_deref() != Some(wanted.as_str()) {
+        let _ = std::fs::remove_dir_all(&venv);
+    }
+    if std::fs::rename(&fresh, &venv).is_err() {
+        let _ = std::fs::remove_dir_all(&fresh); // another test was first
+    }
+    python
 }

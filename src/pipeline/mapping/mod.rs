@@ -3,9 +3,14 @@
 //! The user points the tool at their own table: which column holds the event id, the payload,
 //! optional headers and the subject. [`MappingConfig`] is that choice; [`TableMapping`] is it
 //! bound to one table's columns (from its pgoutput Relation message), checked once so that mapping
-//! a row is only a few lookups.
+//! a row is only a few lookups. Rows come as [`RowValues`], whatever they were read from.
 
-use std::fmt;
+mod cloudevents;
+mod headers;
+mod ids;
+mod row;
+mod template;
+
 use std::str::FromStr;
 use std::sync::Arc;
 
@@ -13,10 +18,22 @@ use async_nats::Subject;
 use async_nats::header::{HeaderMap, HeaderName, HeaderValue};
 use bytes::Bytes;
 
+use super::poison::ErrorPolicy;
 use crate::event::{EventRef, OutboxEvent, header};
 use crate::lsn::Lsn;
-use crate::source::pgoutput::{ColumnValue, Relation, Tuple};
+use crate::source::pgoutput::Relation;
 use crate::subject::{SubjectMap, validate_subject};
+
+pub use cloudevents::{CloudEventsConfig, CloudEventsMode};
+pub use headers::{RESERVED_NATS_WORDS, copy_header_object, reserved};
+pub use ids::EventIds;
+pub use row::{RowValues, WalRow};
+pub use template::{DEFAULT_SUBJECT_TEMPLATE, SubjectTemplate, Template, TemplateError};
+
+use cloudevents::BoundCloudEvents;
+use ids::fallback_id;
+use row::utf8;
+use template::BoundTemplate;
 
 /// PostgreSQL's type OID for `bytea`.
 const BYTEA_OID: u32 = 17;
@@ -36,6 +53,8 @@ pub struct MappingConfig {
     pub subject_column: Option<String>,
     /// Rewrites the subject (from the template or the column) before publishing.
     pub subject_map: SubjectMap,
+    /// Publish CloudEvents (`--cloudevents`).
+    pub cloudevents: Option<CloudEventsConfig>,
 }
 
 impl Default for MappingConfig {
@@ -50,124 +69,68 @@ impl Default for MappingConfig {
             ),
             subject_column: None,
             subject_map: SubjectMap::default(),
+            cloudevents: None,
         }
     }
 }
 
-pub const DEFAULT_SUBJECT_TEMPLATE: &str = "outbox.{aggregate_type}.{event_type}";
-
-/// A subject with `{column}` placeholders, such as `outbox.{aggregate_type}.{event_type}`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SubjectTemplate {
-    source: String,
-    segments: Vec<Segment>,
+/// How one table's rows are published: its mapping, and what becomes of its poison rows.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TableSettings {
+    pub mapping: MappingConfig,
+    pub on_error: ErrorPolicy,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Segment {
-    Literal(String),
-    Column(String),
+/// Every table's settings: the flags' for all tables, and those of the config file's
+/// `[tables."schema.table"]` sections for the tables they name.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Mappings {
+    pub default: TableSettings,
+    /// (the table's name as the section gives it — `schema.table`, or `table` alone — and
+    /// its settings).
+    pub tables: Vec<(String, TableSettings)>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid subject template `{template}`: {reason}")]
-pub struct TemplateError {
-    template: String,
-    reason: String,
-}
-
-impl FromStr for SubjectTemplate {
-    type Err = TemplateError;
-
-    fn from_str(template: &str) -> Result<Self, Self::Err> {
-        let err = |reason: &str| TemplateError {
-            template: template.to_owned(),
-            reason: reason.to_owned(),
-        };
-        let mut segments = Vec::new();
-        let mut rest = template;
-        while !rest.is_empty() {
-            match rest.find(['{', '}']) {
-                Some(i) if rest.as_bytes()[i] == b'}' => return Err(err("`}` without `{`")),
-                Some(open) => {
-                    if open > 0 {
-                        segments.push(Segment::Literal(rest[..open].to_owned()));
-                    }
-                    let after = &rest[open + 1..];
-                    let close = after.find('}').ok_or_else(|| err("`{` without `}`"))?;
-                    let name = &after[..close];
-                    if name.is_empty() || name.contains('{') {
-                        return Err(err("a placeholder must name a column, like `{event_type}`"));
-                    }
-                    segments.push(Segment::Column(name.to_owned()));
-                    rest = &after[close + 1..];
-                }
-                None => {
-                    segments.push(Segment::Literal(rest.to_owned()));
-                    rest = "";
-                }
-            }
+impl Mappings {
+    /// The flags' settings for every table.
+    pub fn new(default: TableSettings) -> Mappings {
+        Mappings {
+            default,
+            tables: Vec::new(),
         }
-        if segments.is_empty() {
-            return Err(err("it is empty"));
-        }
-        let literal: String = segments
+    }
+
+    /// `relation`'s settings.
+    pub fn for_table(&self, relation: &Relation) -> &TableSettings {
+        self.section(relation).unwrap_or(&self.default)
+    }
+
+    /// The section that names `relation`, if one does.
+    fn section(&self, relation: &Relation) -> Option<&TableSettings> {
+        let qualified = relation.qualified_name();
+        self.tables
             .iter()
-            .map(|s| match s {
-                Segment::Literal(l) => l.as_str(),
-                Segment::Column(_) => "x",
-            })
-            .collect();
-        if let Err(reason) = validate_subject(&literal) {
-            return Err(err(&reason));
-        }
-        Ok(SubjectTemplate {
-            source: template.to_owned(),
-            segments,
-        })
-    }
-}
-
-impl SubjectTemplate {
-    pub fn as_str(&self) -> &str {
-        &self.source
+            .find(|(name, _)| *name == qualified)
+            .or_else(|| self.tables.iter().find(|(name, _)| *name == relation.name))
+            .map(|(_, settings)| settings)
     }
 
-    /// The columns the template reads.
-    pub fn columns(&self) -> impl Iterator<Item = &str> {
-        self.segments.iter().filter_map(|s| match s {
-            Segment::Column(c) => Some(c.as_str()),
-            Segment::Literal(_) => None,
-        })
-    }
-
-    /// The NATS subject filter that captures every subject this template can produce: each token
-    /// with a placeholder becomes `*`, or the rest becomes `>` when a placeholder value could add
-    /// tokens of its own.
-    pub fn capture_filter(&self) -> String {
-        let rendered: String = self
-            .segments
+    /// The sections that name none of `tables` (a misspelt table, or one the publication does
+    /// not publish).
+    pub fn unmatched<'a>(&'a self, tables: &'a [Relation]) -> impl Iterator<Item = &'a str> {
+        self.tables
             .iter()
-            .map(|s| match s {
-                Segment::Literal(l) => l.as_str(),
-                Segment::Column(_) => "\u{0}",
+            .filter(|(name, _)| {
+                !tables
+                    .iter()
+                    .any(|t| *name == t.qualified_name() || *name == t.name)
             })
-            .collect();
-        let mut tokens = Vec::new();
-        for token in rendered.split('.') {
-            if token.contains('\u{0}') {
-                tokens.push(">");
-                break;
-            }
-            tokens.push(token);
-        }
-        tokens.join(".")
+            .map(|(name, _)| name.as_str())
     }
-}
 
-impl fmt::Display for SubjectTemplate {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.source)
+    /// Every table's settings, the flags' first.
+    pub fn all(&self) -> impl Iterator<Item = &TableSettings> {
+        std::iter::once(&self.default).chain(self.tables.iter().map(|(_, s)| s))
     }
 }
 
@@ -184,6 +147,21 @@ pub struct MissingColumn {
     pub available: Vec<String>,
 }
 
+impl MissingColumn {
+    pub fn new(relation: &Relation, column: &str, flag: &'static str) -> MissingColumn {
+        MissingColumn {
+            table: relation.qualified_name(),
+            column: column.to_owned(),
+            flag,
+            available: relation
+                .column_names()
+                .into_iter()
+                .map(String::from)
+                .collect(),
+        }
+    }
+}
+
 /// The mapping bound to one table.
 #[derive(Debug, Clone)]
 pub struct TableMapping {
@@ -194,14 +172,9 @@ pub struct TableMapping {
     payload_is_bytea: bool,
     headers: Option<(usize, String)>,
     subject_column: Option<(usize, String)>,
-    template: Option<Vec<BoundSegment>>,
+    template: Option<BoundTemplate>,
     subject_map: SubjectMap,
-}
-
-#[derive(Debug, Clone)]
-enum BoundSegment {
-    Literal(String),
-    Column { index: usize, name: String },
+    cloudevents: Option<BoundCloudEvents>,
 }
 
 impl TableMapping {
@@ -214,24 +187,21 @@ impl TableMapping {
     ) -> Result<Self, MissingColumn> {
         let table = relation.qualified_name();
         let find = |column: &str, flag: &'static str| {
-            relation.column_index(column).ok_or_else(|| MissingColumn {
-                table: table.clone(),
-                column: column.to_owned(),
-                flag,
-                available: relation
-                    .column_names()
-                    .into_iter()
-                    .map(String::from)
-                    .collect(),
-            })
+            relation
+                .column_index(column)
+                .ok_or_else(|| MissingColumn::new(relation, column, flag))
         };
         let ids = EventIds::bind(config.id_column.as_deref(), relation, qualify_ids)?;
         let payload = find(&config.payload_column, "--payload-column")?;
+        // (index, how errors name it)
         let headers = match &config.headers_column {
-            Some(column) => Some((find(column, "--headers-column")?, column.clone())),
+            Some(column) => Some((
+                find(column, "--headers-column")?,
+                format!("headers column `{column}`"),
+            )),
             None => relation
                 .column_index("headers")
-                .map(|i| (i, "headers".to_owned())),
+                .map(|i| (i, "headers column `headers`".to_owned())),
         };
         let subject_column = match &config.subject_column {
             Some(column) => Some((find(column, "--subject-column")?, column.clone())),
@@ -240,21 +210,12 @@ impl TableMapping {
         let template = config
             .subject_template
             .as_ref()
-            .map(|template| {
-                template
-                    .segments
-                    .iter()
-                    .map(|segment| {
-                        Ok(match segment {
-                            Segment::Literal(l) => BoundSegment::Literal(l.clone()),
-                            Segment::Column(name) => BoundSegment::Column {
-                                index: find(name, "--subject-template")?,
-                                name: name.clone(),
-                            },
-                        })
-                    })
-                    .collect::<Result<Vec<_>, MissingColumn>>()
-            })
+            .map(|template| template.bind(relation, "--subject-template"))
+            .transpose()?;
+        let cloudevents = config
+            .cloudevents
+            .as_ref()
+            .map(|ce| BoundCloudEvents::bind(ce, relation, payload))
             .transpose()?;
         let table_header = HeaderValue::from_str(&table).unwrap_or_default();
         Ok(TableMapping {
@@ -267,6 +228,7 @@ impl TableMapping {
             subject_column,
             template,
             subject_map: config.subject_map.clone(),
+            cloudevents,
         })
     }
 
@@ -275,17 +237,16 @@ impl TableMapping {
         &self.table
     }
 
-    /// Maps one inserted row. `frame` is the XLogData buffer the tuple borrows from, so that a text
-    /// payload becomes a slice of it rather than a copy.
-    pub fn map(
+    /// Maps one inserted row.
+    pub fn map<R: RowValues + ?Sized>(
         &self,
-        tuple: &Tuple<'_>,
-        frame: &Bytes,
+        row: &R,
         txn: &TransactionContext,
         row_index: u32,
     ) -> Result<OutboxEvent, UnmappableRow> {
         let event_id = self
-            .event_id(tuple, txn, row_index)
+            .ids
+            .of(row, txn, row_index)
             .map_err(|reason| self.unmappable(txn, row_index, None, None, reason))?;
         let fail = |subject: Option<String>, reason: String| {
             self.unmappable(
@@ -297,50 +258,57 @@ impl TableMapping {
             )
         };
 
-        let subject = self.subject(tuple).map_err(|reason| fail(None, reason))?;
+        let subject = self.subject(row).map_err(|reason| fail(None, reason))?;
         let subject = self.subject_map.apply(&subject).unwrap_or(subject);
         if let Err(reason) = validate_subject(&subject) {
             return Err(fail(Some(subject), reason));
         }
 
         let mut headers = HeaderMap::new();
-        if let Some((index, name)) = &self.headers {
-            match column(tuple, *index) {
-                Ok(ColumnValue::Text(json)) => {
-                    if let Err(reason) = copy_json_headers(json, name, &mut headers) {
+        if let Some((index, origin)) = &self.headers {
+            match row.text(*index) {
+                Ok(Some(json)) => {
+                    if let Err(reason) = copy_header_object(json, origin, &mut headers) {
                         return Err(fail(Some(subject), reason));
                     }
                 }
-                Ok(_) => {}
+                Ok(None) => {}
                 Err(reason) => return Err(fail(Some(subject), reason)),
             }
         }
         // The tool's own headers win over user headers of the same name.
         // Names from `from_static`: inserting them allocates no copy of the name.
-        headers.insert(HeaderName::from_static(header::MSG_ID), event_id.clone());
+        headers.insert(header::MSG_ID, event_id.clone());
         txn.insert_headers(&mut headers, row_index);
         headers.insert(
             HeaderName::from_static(header::TABLE),
             self.table_header.clone(),
         );
 
-        let payload = match column(tuple, self.payload) {
-            Ok(ColumnValue::Text(text)) if self.payload_is_bytea => match decode_bytea_hex(text) {
+        let payload = match row.text(self.payload) {
+            Ok(Some(text)) if self.payload_is_bytea => match decode_bytea_hex(text) {
                 Ok(bytes) => Bytes::from(bytes),
                 Err(reason) => return Err(fail(Some(subject), reason)),
             },
-            Ok(ColumnValue::Text(text)) => frame.slice_ref(text),
+            Ok(Some(text)) => row.body(text),
             // A NULL payload is published as an empty body (documented in the README).
-            Ok(_) => Bytes::new(),
+            Ok(None) => Bytes::new(),
             Err(reason) => return Err(fail(Some(subject), reason)),
         };
 
-        Ok(OutboxEvent {
+        let mut event = OutboxEvent {
             subject: Subject::from(subject),
             headers,
             payload,
             id: event_id,
-        })
+        };
+        if let Some(cloudevents) = &self.cloudevents
+            && let Err(reason) = cloudevents.apply(&mut event, row, txn)
+        {
+            let subject = Some(event.subject.clone());
+            return Err(self.unmappable(txn, row_index, Some(&event.id), subject, reason));
+        }
+        Ok(event)
     }
 
     /// Which row `message` is, for error messages, dead letters and the resume point.
@@ -354,33 +322,24 @@ impl TableMapping {
         }
     }
 
-    fn event_id(
-        &self,
-        tuple: &Tuple<'_>,
-        txn: &TransactionContext,
-        row_index: u32,
-    ) -> Result<HeaderValue, String> {
-        self.ids.of(tuple, txn, row_index)
-    }
-
     fn qualified(&self, id: &str) -> HeaderValue {
         self.ids.qualified(id)
     }
 
     /// The row's body as best it can be read, for a dead letter: empty when it cannot be.
-    pub fn raw_payload(&self, tuple: &Tuple<'_>, frame: &Bytes) -> Bytes {
-        match column(tuple, self.payload) {
-            Ok(ColumnValue::Text(text)) if self.payload_is_bytea => decode_bytea_hex(text)
+    pub fn raw_payload<R: RowValues + ?Sized>(&self, row: &R) -> Bytes {
+        match row.text(self.payload) {
+            Ok(Some(text)) if self.payload_is_bytea => decode_bytea_hex(text)
                 .map(Bytes::from)
-                .unwrap_or_else(|_| frame.slice_ref(text)),
-            Ok(ColumnValue::Text(text)) => frame.slice_ref(text),
+                .unwrap_or_else(|_| row.body(text)),
+            Ok(Some(text)) => row.body(text),
             _ => Bytes::new(),
         }
     }
 
-    fn subject(&self, tuple: &Tuple<'_>) -> Result<String, String> {
+    fn subject<R: RowValues + ?Sized>(&self, row: &R) -> Result<String, String> {
         if let Some((index, _)) = &self.subject_column
-            && let ColumnValue::Text(subject) = column(tuple, *index)?
+            && let Some(subject) = row.text(*index)?
         {
             return utf8(subject, "the subject column").map(str::to_owned);
         }
@@ -390,33 +349,7 @@ impl TableMapping {
                 "the subject column `{name}` is NULL and no --subject-template is set to fall back on"
             ));
         };
-        let mut subject = String::with_capacity(64);
-        for segment in template {
-            match segment {
-                BoundSegment::Literal(l) => subject.push_str(l),
-                BoundSegment::Column { index, name } => match column(tuple, *index)? {
-                    ColumnValue::Text(value) => subject.push_str(utf8(value, name)?),
-                    _ => {
-                        return Err(format!(
-                            "subject placeholder `{{{name}}}` is NULL (template `{}`)",
-                            self.template_source()
-                        ));
-                    }
-                },
-            }
-        }
-        Ok(subject)
-    }
-
-    fn template_source(&self) -> String {
-        self.template
-            .iter()
-            .flatten()
-            .map(|s| match s {
-                BoundSegment::Literal(l) => l.clone(),
-                BoundSegment::Column { name, .. } => format!("{{{name}}}"),
-            })
-            .collect()
+        template.render(row, "subject")
     }
 
     /// A row that is unmappable before its columns can be read (for a message whose content
@@ -453,86 +386,6 @@ impl TableMapping {
                 row_index,
             },
             reason,
-        }
-    }
-}
-
-/// How a table's rows get their event ids.
-#[derive(Debug, Clone)]
-pub struct EventIds {
-    /// The event id's column, with its name.
-    column: Option<(usize, String)>,
-    /// `schema.table:`, put before every event id when the publication has more than one table,
-    /// so that two tables' ids cannot collide in JetStream's de-duplication.
-    prefix: Option<String>,
-}
-
-impl EventIds {
-    /// `column` (by default `id` when the table has it) of `relation`; with `qualify`, ids are
-    /// `schema.table:<id>`.
-    pub fn bind(
-        column: Option<&str>,
-        relation: &Relation,
-        qualify: bool,
-    ) -> Result<EventIds, MissingColumn> {
-        let column = match column {
-            Some(name) => Some((
-                relation.column_index(name).ok_or_else(|| MissingColumn {
-                    table: relation.qualified_name(),
-                    column: name.to_owned(),
-                    flag: "--id-column",
-                    available: relation
-                        .column_names()
-                        .into_iter()
-                        .map(String::from)
-                        .collect(),
-                })?,
-                name.to_owned(),
-            )),
-            None => relation.column_index("id").map(|i| (i, "id".to_owned())),
-        };
-        Ok(EventIds {
-            column,
-            prefix: qualify.then(|| format!("{}:", relation.qualified_name())),
-        })
-    }
-
-    /// The event id: the id column's text, or without one `<commit LSN>:<row index>` (the same
-    /// for every replay of the WAL); qualified by the table when the publication has several.
-    pub fn of(
-        &self,
-        tuple: &Tuple<'_>,
-        txn: &TransactionContext,
-        row_index: u32,
-    ) -> Result<HeaderValue, String> {
-        let id = match &self.column {
-            Some((index, name)) => match column(tuple, *index)? {
-                ColumnValue::Text(id) => std::str::from_utf8(id)
-                    .map_err(|_| format!("the id column `{name}` is not valid UTF-8"))?,
-                _ => return Err(format!("the id column `{name}` is NULL")),
-            },
-            None if txn.is_wal() => {
-                return Ok(self.qualified(&fallback_id(txn.commit_lsn, row_index)));
-            }
-            None => {
-                return Err(
-                    "the table has no id column, and ids made of the commit LSN cannot be made \
-                     again from the table: give --id-column"
-                        .into(),
-                );
-            }
-        };
-        let id = match &self.prefix {
-            Some(prefix) => HeaderValue::from_str(&format!("{prefix}{id}")),
-            None => HeaderValue::from_str(id),
-        };
-        id.map_err(|_| "the id is not a valid header value (it contains a line break)".into())
-    }
-
-    fn qualified(&self, id: &str) -> HeaderValue {
-        match &self.prefix {
-            Some(prefix) => HeaderValue::from(format!("{prefix}{id}")),
-            None => HeaderValue::from(id),
         }
     }
 }
@@ -578,7 +431,15 @@ impl TransactionContext {
         }
     }
 
-    fn is_wal(&self) -> bool {
+    /// The commit time, RFC 3339; None for a backfilled row.
+    pub fn commit_time_text(&self) -> Option<&str> {
+        match &self.headers {
+            OriginHeaders::Wal { commit_time, .. } => Some(commit_time.as_str()),
+            OriginHeaders::Backfill => None,
+        }
+    }
+
+    pub(super) fn is_wal(&self) -> bool {
         matches!(self.headers, OriginHeaders::Wal { .. })
     }
 
@@ -610,10 +471,12 @@ impl TransactionContext {
     }
 }
 
-/// PostgreSQL timestamps count microseconds from 2000-01-01 UTC.
+/// PostgreSQL timestamps count microseconds from 2000-01-01 00:00:00 UTC, this many seconds
+/// after the Unix epoch.
+const PG_EPOCH_UNIX_SECONDS: u64 = 946_684_800;
+
 fn pg_timestamp_to_system_time(micros: i64) -> std::time::SystemTime {
-    const PG_EPOCH_UNIX_SECS: u64 = 946_684_800;
-    let epoch = std::time::UNIX_EPOCH + std::time::Duration::from_secs(PG_EPOCH_UNIX_SECS);
+    let epoch = std::time::UNIX_EPOCH + std::time::Duration::from_secs(PG_EPOCH_UNIX_SECONDS);
     let offset = std::time::Duration::from_micros(micros.unsigned_abs());
     if micros >= 0 {
         epoch + offset
@@ -631,69 +494,6 @@ fn pg_timestamp_to_system_time(micros: i64) -> std::time::SystemTime {
 pub struct UnmappableRow {
     pub event: EventRef,
     pub reason: String,
-}
-
-/// The id used when the table has no id column: stable across replays of the same WAL.
-fn fallback_id(commit_lsn: Lsn, row_index: u32) -> String {
-    format!("{commit_lsn}:{row_index}")
-}
-
-fn column<'a>(tuple: &Tuple<'a>, index: usize) -> Result<ColumnValue<'a>, String> {
-    match tuple.values().nth(index) {
-        Some(Ok(ColumnValue::Unchanged)) => Err(format!(
-            "column {index} is an unchanged TOAST value, which an insert never carries"
-        )),
-        Some(Ok(value)) => Ok(value),
-        Some(Err(err)) => Err(err.to_string()),
-        None => Err(format!(
-            "the row has {} columns, column {index} is missing",
-            tuple.len()
-        )),
-    }
-}
-
-fn utf8<'a>(bytes: &'a [u8], what: &str) -> Result<&'a str, String> {
-    std::str::from_utf8(bytes).map_err(|_| format!("{what} is not valid UTF-8"))
-}
-
-fn copy_json_headers(json: &[u8], column: &str, headers: &mut HeaderMap) -> Result<(), String> {
-    let object: serde_json::Map<String, serde_json::Value> = match serde_json::from_slice(json) {
-        Ok(serde_json::Value::Object(map)) => map,
-        Ok(serde_json::Value::Null) => return Ok(()),
-        Ok(other) => {
-            return Err(format!(
-                "headers column `{column}` must hold a JSON object, found {}",
-                json_kind(&other)
-            ));
-        }
-        Err(e) => return Err(format!("headers column `{column}` is not valid JSON: {e}")),
-    };
-    for (name, value) in object {
-        let header_name = HeaderName::try_from(name.as_str()).map_err(|_| {
-            format!(
-                "header name `{name}` is not allowed by NATS (control characters, non-ASCII or `:`)"
-            )
-        })?;
-        let text = match value {
-            serde_json::Value::String(s) => s,
-            other => other.to_string(),
-        };
-        let header_value = HeaderValue::from_str(&text)
-            .map_err(|_| format!("header `{name}` has a value with a line break"))?;
-        headers.insert(header_name, header_value);
-    }
-    Ok(())
-}
-
-fn json_kind(value: &serde_json::Value) -> &'static str {
-    match value {
-        serde_json::Value::Null => "null",
-        serde_json::Value::Bool(_) => "a boolean",
-        serde_json::Value::Number(_) => "a number",
-        serde_json::Value::String(_) => "a string",
-        serde_json::Value::Array(_) => "an array",
-        serde_json::Value::Object(_) => "an object",
-    }
 }
 
 /// Decodes PostgreSQL's hex `bytea` output (`\x0a1b…`) into raw bytes.
@@ -717,9 +517,6 @@ pub fn decode_bytea_hex(text: &[u8]) -> Result<Vec<u8>, String> {
         .map(|pair| Ok(nibble(pair[0])? << 4 | nibble(pair[1])?))
         .collect()
 }
-
-/// PostgreSQL timestamps count microseconds from 2000-01-01 00:00:00 UTC.
-const PG_EPOCH_UNIX_SECONDS: i64 = 946_684_800;
 
 /// RFC 3339 text of a PostgreSQL timestamp.
 pub fn format_pg_timestamp(micros_since_2000: i64) -> String {
@@ -770,7 +567,11 @@ mod tests {
             unreachable!()
         };
         let txn = TransactionContext::new("0/16B3748".parse().unwrap(), 0);
-        mapping.map(&insert.tuple, &frame, &txn, 3)
+        let row = WalRow {
+            tuple: insert.tuple,
+            frame: &frame,
+        };
+        mapping.map(&row, &txn, 3)
     }
 
     fn header<'a>(event: &'a OutboxEvent, name: &str) -> Option<&'a str> {
@@ -788,7 +589,7 @@ mod tests {
                 Some(b"42"),
                 Some(b"created"),
                 Some(br#"{"total":10}"#),
-                Some(br#"{"trace-id":"abc","attempt":2,"Nats-Msg-Id":"spoof"}"#),
+                Some(br#"{"trace-id":"abc","attempt":2,"Nats-ish":"y","outboxer":"z"}"#),
             ],
         )
         .unwrap();
@@ -797,12 +598,49 @@ mod tests {
         assert_eq!(header(&event, "Nats-Msg-Id"), Some("6f1c"));
         assert_eq!(header(&event, "trace-id"), Some("abc"));
         assert_eq!(header(&event, "attempt"), Some("2"));
+        assert_eq!(
+            header(&event, "Nats-ish"),
+            Some("y"),
+            "not the `Nats-` prefix"
+        );
+        assert_eq!(
+            header(&event, "outboxer"),
+            Some("z"),
+            "not the `Outbox-` prefix"
+        );
         assert_eq!(header(&event, "Outbox-Commit-Lsn"), Some("0/16B3748"));
         assert_eq!(header(&event, "Outbox-Table"), Some("public.outbox"));
         assert_eq!(
             header(&event, "Outbox-Commit-Time"),
             Some("2000-01-01T00:00:00Z")
         );
+    }
+
+    #[test]
+    fn a_row_read_from_the_table_maps_as_its_wal_row_does() {
+        let mapping = TableMapping::bind(&MappingConfig::default(), &standard(), false).unwrap();
+        let values: [Option<&[u8]>; 6] = [
+            Some(b"6f1c"),
+            Some(b"order"),
+            Some(b"42"),
+            Some(b"created"),
+            Some(br#"{"total":10}"#),
+            Some(br#"{"trace-id":"abc"}"#),
+        ];
+        let from_wal = map_row(&mapping, &values).unwrap();
+        let text: Vec<Option<String>> = values
+            .iter()
+            .map(|v| v.map(|b| String::from_utf8(b.to_vec()).unwrap()))
+            .collect();
+        let txn = TransactionContext::new("0/16B3748".parse().unwrap(), 0);
+        let from_table = mapping.map(&text[..], &txn, 3).unwrap();
+        assert_eq!(from_table.subject, from_wal.subject);
+        assert_eq!(from_table.payload, from_wal.payload);
+        assert_eq!(from_table.headers, from_wal.headers);
+        assert_eq!(from_table.id, from_wal.id);
+        let short: Vec<Option<String>> = text[..2].to_vec();
+        let err = mapping.map(&short[..], &txn, 0).unwrap_err();
+        assert!(err.reason.contains("column 3 is missing"), "{err}");
     }
 
     #[test]
@@ -933,6 +771,48 @@ mod tests {
     }
 
     #[test]
+    fn a_row_cannot_set_a_header_of_the_broker_or_of_outbox_cdc() {
+        let mapping = TableMapping::bind(&MappingConfig::default(), &standard(), false).unwrap();
+        for name in [
+            "Nats-Rollup",
+            "nats-ttl",
+            "NATS-EXPECTED-LAST-SEQUENCE",
+            "Nats-Batch-Id",
+            "Nats-Msg-Id",
+            "Outbox-Commit-Lsn",
+            "outbox-backfill",
+            "OUTBOX-ROW-INDEX",
+        ] {
+            let headers = format!(r#"{{"trace-id":"abc","{name}":"all"}}"#);
+            let err = map_row(
+                &mapping,
+                &[
+                    Some(b"e1"),
+                    Some(b"o"),
+                    Some(b"1"),
+                    Some(b"c"),
+                    Some(b"{}"),
+                    Some(headers.as_bytes()),
+                ],
+            )
+            .unwrap_err();
+            assert!(
+                err.reason.contains(&format!("header `{name}`")) && err.reason.contains("reserved"),
+                "{name}: {err}"
+            );
+            assert_eq!(err.event.event_id, "e1");
+        }
+        assert_eq!(reserved("Nats"), None);
+        assert_eq!(reserved("Nats-ish"), None);
+        assert_eq!(reserved("Natsy-Rollup"), None);
+        assert_eq!(reserved("Outbox"), None);
+        assert_eq!(reserved("outboxer"), None);
+        assert_eq!(reserved("outbox-"), Some("Outbox-"));
+        assert_eq!(reserved("nats-schedule-target"), Some("Nats-"));
+        assert_eq!(reserved("NATS-MSG-ID"), Some("Nats-"));
+    }
+
+    #[test]
     fn decodes_a_bytea_payload_and_publishes_null_as_empty() {
         let rel = relation(&[("id", 20), ("event_type", TEXT), ("payload", BYTEA_OID)]);
         let config = MappingConfig {
@@ -963,27 +843,130 @@ mod tests {
     }
 
     #[test]
-    fn subject_templates_parse_and_capture() {
-        let t: SubjectTemplate = "outbox.{aggregate_type}.{event_type}".parse().unwrap();
-        assert_eq!(
-            t.columns().collect::<Vec<_>>(),
-            ["aggregate_type", "event_type"]
-        );
-        assert_eq!(t.capture_filter(), "outbox.>");
-        let t: SubjectTemplate = "static.subject".parse().unwrap();
-        assert_eq!(t.capture_filter(), "static.subject");
-        assert_eq!(t.columns().count(), 0);
-        for bad in [
-            "", "a.{", "a.}", "a.{}", "a b.{x}", "a.*.{x}", ".{x}", "{x}..y",
-        ] {
-            assert!(bad.parse::<SubjectTemplate>().is_err(), "{bad}");
-        }
-    }
-
-    #[test]
     fn formats_commit_times_as_rfc3339() {
         assert_eq!(format_pg_timestamp(0), "2000-01-01T00:00:00Z");
         assert_eq!(format_pg_timestamp(1_500_000), "2000-01-01T00:00:01.5Z");
         assert_eq!(format_pg_timestamp(-1_000_000), "1999-12-31T23:59:59Z");
+    }
+
+    fn cloudevents(mode: CloudEventsMode) -> MappingConfig {
+        MappingConfig {
+            cloudevents: Some(CloudEventsConfig {
+                mode,
+                source: None,
+                database: "app".into(),
+                type_template: None,
+                subject_column: None,
+            }),
+            ..MappingConfig::default()
+        }
+    }
+
+    const ROW: [Option<&[u8]>; 6] = [
+        Some(b"6f1c"),
+        Some(b"order"),
+        Some(b"42"),
+        Some(b"paid"),
+        Some(br#"{"total":10}"#),
+        Some(br#"{"ce-type":"overridden","trace-id":"abc"}"#),
+    ];
+
+    #[test]
+    fn cloudevents_binary_mode_puts_the_attributes_in_headers() {
+        let mapping =
+            TableMapping::bind(&cloudevents(CloudEventsMode::Binary), &standard(), false).unwrap();
+        let event = map_row(&mapping, &ROW).unwrap();
+        assert_eq!(header(&event, "ce-specversion"), Some("1.0"));
+        assert_eq!(header(&event, "ce-id"), Some("6f1c"));
+        assert_eq!(
+            header(&event, "ce-source"),
+            Some("/outbox-cdc/app/public.outbox")
+        );
+        assert_eq!(
+            header(&event, "ce-type"),
+            Some("paid"),
+            "the event type wins"
+        );
+        assert_eq!(header(&event, "ce-subject"), Some("42"));
+        assert_eq!(header(&event, "ce-time"), Some("2000-01-01T00:00:00Z"));
+        assert_eq!(header(&event, "content-type"), Some("application/json"));
+        assert_eq!(header(&event, "trace-id"), Some("abc"));
+        assert_eq!(
+            &event.payload[..],
+            br#"{"total":10}"#,
+            "the body is the payload"
+        );
+
+        let config = MappingConfig {
+            cloudevents: Some(CloudEventsConfig {
+                source: Some("urn:shop".into()),
+                type_template: Some("com.shop.{aggregate_type}.{event_type}".parse().unwrap()),
+                subject_column: Some("id".into()),
+                ..cloudevents(CloudEventsMode::Binary).cloudevents.unwrap()
+            }),
+            ..MappingConfig::default()
+        };
+        let event = map_row(
+            &TableMapping::bind(&config, &standard(), false).unwrap(),
+            &ROW,
+        )
+        .unwrap();
+        assert_eq!(header(&event, "ce-source"), Some("urn:shop"));
+        assert_eq!(header(&event, "ce-type"), Some("com.shop.order.paid"));
+        assert_eq!(header(&event, "ce-subject"), Some("6f1c"));
+        let missing = MappingConfig {
+            cloudevents: Some(CloudEventsConfig {
+                subject_column: Some("tenant".into()),
+                ..cloudevents(CloudEventsMode::Binary).cloudevents.unwrap()
+            }),
+            ..MappingConfig::default()
+        };
+        let err = TableMapping::bind(&missing, &standard(), false).unwrap_err();
+        assert!(
+            err.to_string().contains("--cloudevents-subject-column"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn cloudevents_structured_mode_puts_the_event_in_the_body() {
+        let mapping = TableMapping::bind(
+            &cloudevents(CloudEventsMode::Structured),
+            &standard(),
+            false,
+        )
+        .unwrap();
+        let event = map_row(&mapping, &ROW).unwrap();
+        assert_eq!(
+            header(&event, "content-type"),
+            Some("application/cloudevents+json; charset=utf-8")
+        );
+        let body: serde_json::Value = serde_json::from_slice(&event.payload).unwrap();
+        assert_eq!(
+            body,
+            serde_json::json!({
+                "specversion": "1.0", "id": "6f1c", "source": "/outbox-cdc/app/public.outbox",
+                "type": "paid", "time": "2000-01-01T00:00:00Z", "subject": "42",
+                "datacontenttype": "application/json", "data": {"total": 10}
+            })
+        );
+        assert_eq!(header(&event, "Nats-Msg-Id"), Some("6f1c"), "ids as ever");
+        // Bytes go base64; a backfilled row has no commit time.
+        let rel = relation(&[("id", TEXT), ("event_type", TEXT), ("payload", 17)]);
+        let config = MappingConfig {
+            subject_template: Some("ev.{event_type}".parse().unwrap()),
+            ..cloudevents(CloudEventsMode::Structured)
+        };
+        let mapping = TableMapping::bind(&config, &rel, false).unwrap();
+        let row: Vec<Option<String>> =
+            vec![Some("1".into()), Some("t".into()), Some("\\x00ff".into())];
+        let event = mapping
+            .map(&row[..], &TransactionContext::backfill(), 0)
+            .unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&event.payload).unwrap();
+        assert_eq!(body["data_base64"], "AP8=");
+        assert_eq!(body["datacontenttype"], "application/octet-stream");
+        assert_eq!(body.get("time"), None);
+        assert_eq!(body["type"], "t");
     }
 }
