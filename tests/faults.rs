@@ -9,6 +9,8 @@ mod support;
 
 use std::time::{Duration, Instant};
 
+use outbox_cdc::embedded::EmbeddedNats;
+
 use support::faults::*;
 use support::*;
 
@@ -125,6 +127,32 @@ async fn replicas_caught_up(env: &TestEnv, stream: &str, timeout: Duration) -> b
     }
     eprintln!("stream {stream}: replicas not caught up after {timeout:?} ({seen:?})");
     false
+}
+
+/// Restarts a killed cluster node and waits until it has caught up with the stream and the
+/// checkpoint's bucket. "Back" means caught up: killing a second node while the first still
+/// replays its log leaves a stream without a quorum, which no publisher can help; and reading
+/// the stream from a replica still catching up stalls.
+async fn restart_until_caught_up(env: &TestEnv, node: &mut EmbeddedNats) {
+    node.restart().expect("restart node");
+    // nats-server 2.15 sometimes leaves a restarted node silent towards the stream's leader
+    // (seen: no contact for 30 s, lag frozen): restarted once more, it rejoins.
+    let checkpoint = format!("KV_{}", env.checkpoint_bucket());
+    for attempt in 0..3 {
+        let mut caught_up = true;
+        for stream in [env.stream.as_str(), checkpoint.as_str()] {
+            caught_up &= replicas_caught_up(env, stream, Duration::from_secs(20)).await;
+        }
+        if caught_up {
+            return;
+        }
+        assert!(
+            attempt < 2,
+            "the restarted node never caught up with the cluster"
+        );
+        eprintln!("restarting the node again");
+        node.restart().expect("restart node");
+    }
 }
 
 async fn leader(env: &TestEnv, extra: &[&str]) -> Publisher {
@@ -698,27 +726,7 @@ async fn nats_cluster_node_killed_then_the_publishers_own_node() {
     nodes[other].kill();
     let killed = Instant::now();
     recovery.push(resumed_after(&env, killed, &publisher).await);
-    nodes[other].restart().expect("restart node");
-    // "Back" means caught up: killing a second node while the first still replays its log
-    // leaves a stream without a quorum, which no publisher can help.
-    // nats-server 2.15 sometimes leaves a restarted node silent towards the stream's leader
-    // (seen: no contact for 30 s, lag frozen): restarted once more, it rejoins.
-    let checkpoint = format!("KV_{}", env.checkpoint_bucket());
-    for attempt in 0..3 {
-        let mut caught_up = true;
-        for stream in [env.stream.as_str(), checkpoint.as_str()] {
-            caught_up &= replicas_caught_up(&env, stream, Duration::from_secs(20)).await;
-        }
-        if caught_up {
-            break;
-        }
-        assert!(
-            attempt < 2,
-            "the restarted node never caught up with the cluster"
-        );
-        eprintln!("restarting the node again");
-        nodes[other].restart().expect("restart node");
-    }
+    restart_until_caught_up(&env, &mut nodes[other]).await;
     let own = connected_port(&publisher).expect("the publisher logged its server");
     let own = nodes
         .iter()
@@ -727,7 +735,7 @@ async fn nats_cluster_node_killed_then_the_publishers_own_node() {
     nodes[own].kill();
     let killed = Instant::now();
     recovery.push(resumed_after(&env, killed, &publisher).await);
-    nodes[own].restart().expect("restart node");
+    restart_until_caught_up(&env, &mut nodes[own]).await;
 
     traffic
         .end(

@@ -3,11 +3,40 @@
 
 use std::time::Duration;
 
+use async_nats::HeaderMap;
 use async_nats::jetstream::{self, stream};
 use bytes::Bytes;
 
 use super::permissions::Denials;
 use super::{JetStreamSink, NatsAuth, NatsUrls, SinkError};
+
+/// Reads `key` from the bucket stream's leader. Not with the KV's direct get, which any replica
+/// answers: a replica back from a restart that has not caught up yet answers with an older
+/// checkpoint, and a slot confirmed past that looks moved by someone else (a stop naming a gap
+/// that is not there). Seen on a three-node cluster with the publisher's node killed.
+async fn load(
+    store: &jetstream::kv::Store,
+    bucket: &str,
+    key: &str,
+) -> Result<Option<Bytes>, String> {
+    let subject = format!("$KV.{bucket}.{key}");
+    match store.stream.get_last_raw_message_by_subject(&subject).await {
+        Ok(message) => Ok(kv_value(&message.headers, message.payload)),
+        Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
+        Err(e) => Err(format!("reading key `{key}`: {e}")),
+    }
+}
+
+/// The value a KV bucket's message holds: none when the message records a delete or a purge.
+fn kv_value(headers: &HeaderMap, payload: Bytes) -> Option<Bytes> {
+    match headers.get(KV_OPERATION).map(|v| v.as_str()) {
+        Some("DEL" | "PURGE") => None,
+        _ => Some(payload),
+    }
+}
+
+/// The header in which a KV bucket's messages say what they record (absent on a put).
+const KV_OPERATION: &str = "KV-Operation";
 
 /// One key of a NATS KV bucket: the slot's name in `--checkpoint-bucket`.
 pub struct Checkpoint {
@@ -95,10 +124,7 @@ impl Checkpoint {
                     .map_err(|e| fail(format!("opening the bucket: {e}")))?
             }
         };
-        let saved = store
-            .get(key)
-            .await
-            .map_err(|e| fail(format!("reading key `{key}`: {e}")))?;
+        let saved = load(&store, bucket, key).await.map_err(fail)?;
         let checkpoint = Checkpoint {
             store,
             bucket: bucket.to_owned(),
@@ -134,10 +160,7 @@ impl Checkpoint {
                 }
                 Err(e) => return Err(fail(format!("opening the bucket: {e}"))),
             };
-            store
-                .get(key)
-                .await
-                .map_err(|e| fail(format!("reading key `{key}`: {e}")))
+            load(&store, bucket, key).await.map_err(fail)
         };
         denials.guard(read).await
     }
@@ -157,6 +180,22 @@ impl Checkpoint {
         match &self.denials {
             Some(denials) => denials.guard(put).await,
             None => put.await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_deleted_or_purged_key_holds_no_checkpoint() {
+        let value = Bytes::from_static(b"{}");
+        assert_eq!(kv_value(&HeaderMap::new(), value.clone()), Some(value.clone()));
+        for operation in ["DEL", "PURGE"] {
+            let mut headers = HeaderMap::new();
+            headers.insert(KV_OPERATION, operation);
+            assert_eq!(kv_value(&headers, value.clone()), None, "{operation}");
         }
     }
 }

@@ -217,10 +217,19 @@ pub(super) fn get_stream_error(name: &str, err: jetstream::context::GetStreamErr
     let detail = format!("reading stream `{name}`: {err}");
     match err.kind() {
         jetstream::context::GetStreamErrorKind::Request => SinkError::StreamUnavailable(detail),
-        jetstream::context::GetStreamErrorKind::JetStream(e) if e.code() >= 500 => {
-            SinkError::StreamUnavailable(detail)
-        }
+        jetstream::context::GetStreamErrorKind::JetStream(e) => api_error(detail, &e),
         _ => SinkError::Stream(detail),
+    }
+}
+
+/// JetStream answered a stream request with an error: transient when it says it cannot answer
+/// now (5xx, e.g. "JetStream system temporarily unavailable" while a cluster that lost a node
+/// elects its meta leader), permanent otherwise (a bad request, a missing stream).
+pub(super) fn api_error(detail: String, error: &jetstream::Error) -> SinkError {
+    if error.code() >= 500 {
+        SinkError::StreamUnavailable(detail)
+    } else {
+        SinkError::Stream(detail)
     }
 }
 
@@ -247,5 +256,25 @@ mod tests {
             no_stream.to_string().contains("--subjects 'a'"),
             "{no_stream}"
         );
+    }
+
+    fn api(code: usize, err_code: u64, description: &str) -> jetstream::Error {
+        serde_json::from_value(serde_json::json!({
+            "code": code, "err_code": err_code, "description": description,
+        }))
+        .expect("a JetStream API error")
+    }
+
+    /// A cluster that lost a node answers stream requests with 503 while it elects its meta
+    /// leader: seen as a stop ("JetStream stream setup: listing the streams …") where a retry
+    /// would have gone on.
+    #[test]
+    fn jetstream_unavailable_is_retried_and_a_bad_request_is_not() {
+        let unavailable = api(503, 10008, "JetStream system temporarily unavailable");
+        assert!(api_error("listing".into(), &unavailable).is_transient());
+        let not_found = api(404, 10059, "stream not found");
+        assert!(!api_error("reading".into(), &not_found).is_transient());
+        let bad = api(400, 10052, "stream name is invalid");
+        assert!(!api_error("creating".into(), &bad).is_transient());
     }
 }

@@ -12,7 +12,7 @@ use std::time::Duration;
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, consumer, stream};
 
-use super::error::get_stream_error;
+use super::error::{api_error, get_stream_error};
 use super::fence::{Fence, StoredEvent, StreamEnd, StreamSummary};
 use super::{JetStreamSink, MIN_SAFE_DUPLICATE_WINDOW, SinkConfig, SinkError};
 use crate::event::header;
@@ -227,10 +227,8 @@ impl<T> JetStreamSink<T> {
                             | jetstream::context::CreateStreamErrorKind::JetStreamUnavailable => {
                                 SinkError::StreamUnavailable(detail)
                             }
-                            jetstream::context::CreateStreamErrorKind::JetStream(e)
-                                if e.code() >= 500 =>
-                            {
-                                SinkError::StreamUnavailable(detail)
+                            jetstream::context::CreateStreamErrorKind::JetStream(e) => {
+                                api_error(detail, &e)
                             }
                             _ => SinkError::Stream(detail),
                         }
@@ -286,10 +284,11 @@ impl<T> JetStreamSink<T> {
             let page = match response {
                 jetstream::response::Response::Ok(page) => page,
                 jetstream::response::Response::Err { error } => {
-                    return Err(SinkError::Stream(format!(
+                    let detail = format!(
                         "listing the streams that capture `{}`: {error}",
                         filter.unwrap_or(">")
-                    )));
+                    );
+                    return Err(api_error(detail, &error));
                 }
             };
             let streams = page.streams.unwrap_or_default();

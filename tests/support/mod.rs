@@ -717,57 +717,99 @@ pub async fn leader_message_count(js: &jetstream::Context, stream: &str) -> u64 
 /// and on until the consumer has none pending.
 pub async fn read_stream(js: &jetstream::Context, stream: &str) -> Vec<Received> {
     let total = leader_message_count(js, stream).await as usize;
-    // Retried: a cluster that just lost or regained a node may take a moment to answer.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let consumer = loop {
+    let mut out = Vec::with_capacity(total);
+    let mut next_sequence = 1;
+    let mut pending = 0;
+    // A consumer the cluster placed on a replica still catching up after a restart can stall
+    // (seen on a three-node cluster): read on from where it stopped with a new one.
+    let deadline = Instant::now() + Duration::from_secs(180);
+    'consumers: while out.len() < total || pending > 0 {
+        let mut messages = ordered_consumer_from(js, stream, next_sequence, deadline).await;
+        while out.len() < total || pending > 0 {
+            let message = match tokio::time::timeout(Duration::from_secs(30), messages.next()).await
+            {
+                Ok(Some(Ok(message))) => message,
+                stalled => {
+                    let why = match stalled {
+                        Err(_) => "nothing for 30 s".to_owned(),
+                        Ok(None) => "its messages ended".to_owned(),
+                        Ok(Some(Err(e))) => e.to_string(),
+                        Ok(Some(Ok(_))) => unreachable!(),
+                    };
+                    assert!(
+                        Instant::now() < deadline,
+                        "reading stream {stream} timed out at sequence {next_sequence} \
+                         ({} of at least {total} read): {why}",
+                        out.len()
+                    );
+                    eprintln!(
+                        "reading stream {stream}: the consumer stalled at sequence \
+                         {next_sequence} ({why}); reading on with a new one"
+                    );
+                    continue 'consumers;
+                }
+            };
+            let info = message.info().expect("a JetStream message");
+            pending = info.pending;
+            next_sequence = info.stream_sequence + 1;
+            let headers: Vec<(String, String)> = message
+                .headers
+                .as_ref()
+                .map(|h| {
+                    h.iter()
+                        .flat_map(|(k, vs)| vs.iter().map(move |v| (k.to_string(), v.to_string())))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let id = headers
+                .iter()
+                .find(|(k, _)| k == "Nats-Msg-Id")
+                .map(|(_, v)| v.clone())
+                .unwrap_or_default();
+            out.push(Received {
+                subject: message.subject.to_string(),
+                id,
+                headers,
+                payload: message.payload.clone(),
+            });
+        }
+    }
+    out
+}
+
+/// An ordered consumer's messages from stream sequence `start` on. Retried until `deadline`: a
+/// cluster that just lost or regained a node may take a moment to answer.
+async fn ordered_consumer_from(
+    js: &jetstream::Context,
+    stream: &str,
+    start: u64,
+    deadline: Instant,
+) -> consumer::pull::Ordered {
+    loop {
         let attempt = async {
             js.get_stream(stream)
                 .await
                 .ok()?
-                .create_consumer(consumer::pull::OrderedConfig::default())
+                .create_consumer(consumer::pull::OrderedConfig {
+                    deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                        start_sequence: start,
+                    },
+                    ..Default::default()
+                })
+                .await
+                .ok()?
+                .messages()
                 .await
                 .ok()
         };
         match attempt.await {
-            Some(consumer) => break consumer,
+            Some(messages) => return messages,
             None if Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(500)).await
             }
             None => panic!("cannot create an ordered consumer on {stream}"),
         }
-    };
-    let mut messages = consumer.messages().await.expect("messages");
-    let mut out = Vec::with_capacity(total);
-    let mut pending = 0;
-    while out.len() < total || pending > 0 {
-        let message = tokio::time::timeout(Duration::from_secs(30), messages.next())
-            .await
-            .expect("reading the stream timed out")
-            .expect("stream ended")
-            .expect("message");
-        pending = message.info().map_or(0, |info| info.pending);
-        let headers: Vec<(String, String)> = message
-            .headers
-            .as_ref()
-            .map(|h| {
-                h.iter()
-                    .flat_map(|(k, vs)| vs.iter().map(move |v| (k.to_string(), v.to_string())))
-                    .collect()
-            })
-            .unwrap_or_default();
-        let id = headers
-            .iter()
-            .find(|(k, _)| k == "Nats-Msg-Id")
-            .map(|(_, v)| v.clone())
-            .unwrap_or_default();
-        out.push(Received {
-            subject: message.subject.to_string(),
-            id,
-            headers,
-            payload: message.payload.clone(),
-        });
     }
-    out
 }
 
 /// Asserts the stream is exactly the oracle's rows, once each, in commit order.
