@@ -191,7 +191,10 @@ mod tests {
     #[test]
     fn a_deleted_or_purged_key_holds_no_checkpoint() {
         let value = Bytes::from_static(b"{}");
-        assert_eq!(kv_value(&HeaderMap::new(), value.clone()), Some(value.clone()));
+        assert_eq!(
+            kv_value(&HeaderMap::new(), value.clone()),
+            Some(value.clone())
+        );
         for operation in ["DEL", "PURGE"] {
             let mut headers = HeaderMap::new();
             headers.insert(KV_OPERATION, operation);

@@ -726,16 +726,15 @@ pub async fn read_stream(js: &jetstream::Context, stream: &str) -> Vec<Received>
     'consumers: while out.len() < total || pending > 0 {
         let mut messages = ordered_consumer_from(js, stream, next_sequence, deadline).await;
         while out.len() < total || pending > 0 {
-            let message = match tokio::time::timeout(Duration::from_secs(30), messages.next()).await
-            {
-                Ok(Some(Ok(message))) => message,
-                stalled => {
-                    let why = match stalled {
-                        Err(_) => "nothing for 30 s".to_owned(),
-                        Ok(None) => "its messages ended".to_owned(),
-                        Ok(Some(Err(e))) => e.to_string(),
-                        Ok(Some(Ok(_))) => unreachable!(),
-                    };
+            let read = match tokio::time::timeout(Duration::from_secs(30), messages.next()).await {
+                Ok(Some(Ok(message))) => Ok(message),
+                Err(_) => Err("nothing for 30 s".to_owned()),
+                Ok(None) => Err("its messages ended".to_owned()),
+                Ok(Some(Err(e))) => Err(e.to_string()),
+            };
+            let message = match read {
+                Ok(message) => message,
+                Err(why) => {
                     assert!(
                         Instant::now() < deadline,
                         "reading stream {stream} timed out at sequence {next_sequence} \
