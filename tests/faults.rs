@@ -101,27 +101,39 @@ impl Traffic {
     }
 }
 
-/// Waits until every replica of `stream` is online and current; false after `timeout`.
-async fn replicas_caught_up(env: &TestEnv, stream: &str, timeout: Duration) -> bool {
+/// Waits until every replica of `stream` is online, in contact with the leader since
+/// `restarted` and current, for a second on end; false after `timeout`.
+async fn replicas_caught_up(
+    env: &TestEnv,
+    stream: &str,
+    restarted: Instant,
+    timeout: Duration,
+) -> bool {
     let deadline = Instant::now() + timeout;
     let js = env.jetstream().await;
     let mut seen = None;
+    let mut in_a_row = 0;
     while Instant::now() < deadline {
+        let mut caught_up = false;
         if let Ok(mut s) = js.get_stream(stream).await
             && let Ok(info) = s.info().await
             && let Some(cluster) = &info.cluster
         {
-            // Under a steady write load a follower is rarely flagged current: a small lag will do.
+            // Under a steady write load a follower is rarely flagged current: a small lag will
+            // do. Right after a restart the leader may still describe the replica as it was
+            // before the kill: only a contact since the restart counts.
             let led = cluster.leader.as_deref().is_some_and(|l| !l.is_empty());
-            if led
-                && cluster
-                    .replicas
-                    .iter()
-                    .all(|r| !r.offline && (r.current || r.lag.unwrap_or(0) < 100))
-            {
-                return true;
-            }
+            caught_up = led
+                && cluster.replicas.iter().all(|r| {
+                    !r.offline
+                        && r.active < restarted.elapsed()
+                        && (r.current || r.lag.unwrap_or(0) < 100)
+                });
             seen = Some(cluster.clone());
+        }
+        in_a_row = if caught_up { in_a_row + 1 } else { 0 };
+        if in_a_row == 5 {
+            return true;
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
@@ -135,13 +147,14 @@ async fn replicas_caught_up(env: &TestEnv, stream: &str, timeout: Duration) -> b
 /// the stream from a replica still catching up stalls.
 async fn restart_until_caught_up(env: &TestEnv, node: &mut EmbeddedNats) {
     node.restart().expect("restart node");
+    let mut restarted = Instant::now();
     // nats-server 2.15 sometimes leaves a restarted node silent towards the stream's leader
     // (seen: no contact for 30 s, lag frozen): restarted once more, it rejoins.
     let checkpoint = format!("KV_{}", env.checkpoint_bucket());
     for attempt in 0..3 {
         let mut caught_up = true;
         for stream in [env.stream.as_str(), checkpoint.as_str()] {
-            caught_up &= replicas_caught_up(env, stream, Duration::from_secs(20)).await;
+            caught_up &= replicas_caught_up(env, stream, restarted, Duration::from_secs(20)).await;
         }
         if caught_up {
             return;
@@ -152,6 +165,7 @@ async fn restart_until_caught_up(env: &TestEnv, node: &mut EmbeddedNats) {
         );
         eprintln!("restarting the node again");
         node.restart().expect("restart node");
+        restarted = Instant::now();
     }
 }
 
