@@ -1287,6 +1287,13 @@ mod tests {
         fn take_log(&mut self) -> Vec<String> {
             std::mem::take(&mut self.log)
         }
+
+        /// What was sent since the last take: the log without the position reports.
+        fn take_sent(&mut self) -> Vec<String> {
+            let mut log = self.take_log();
+            log.retain(|l| !l.starts_with("report"));
+            log
+        }
     }
 
     fn rejected(event: EventRef) -> Result<Ack, SinkError> {
@@ -1373,11 +1380,7 @@ mod tests {
         sink.feed(&mut core, transaction(0x100, &["a", "b"]))
             .unwrap();
         sink.feed(&mut core, transaction(0x200, &["c"])).unwrap();
-        let log: Vec<String> = sink
-            .take_log()
-            .into_iter()
-            .filter(|l| !l.starts_with("report"))
-            .collect();
+        let log = sink.take_sent();
         assert_eq!(log, ["publish 512-0"]);
         assert_eq!(
             metric(
@@ -1642,11 +1645,7 @@ mod tests {
         let mut core = SessionCore::new(&settings, &stats, start(0x10), carry);
         sink.feed(&mut core, transaction(0x100, &["a", "b"]))
             .unwrap();
-        let sent: Vec<String> = sink
-            .take_log()
-            .into_iter()
-            .filter(|l| !l.starts_with("report"))
-            .collect();
+        let sent = sink.take_sent();
         assert_eq!(sent, ["batch 256-0 256-1"]);
         assert_eq!(
             metric(
@@ -1695,11 +1694,7 @@ mod tests {
         let mut core = SessionCore::new(&settings, &stats, start(0x10), carry);
         sink.feed(&mut core, transaction(0x100, &["a", "b"]))
             .unwrap();
-        let sent: Vec<String> = sink
-            .take_log()
-            .into_iter()
-            .filter(|l| !l.starts_with("report"))
-            .collect();
+        let sent = sink.take_sent();
         assert_eq!(sent, ["publish 256-0", "publish 256-1"]);
         assert_eq!(
             sink.ack_with(&mut core, rejected).unwrap(),
@@ -1710,11 +1705,7 @@ mod tests {
         let mut core = SessionCore::new(&settings, &stats, start(0x10), carry);
         sink.feed(&mut core, transaction(0x100, &["a", "b"]))
             .unwrap();
-        let sent: Vec<String> = sink
-            .take_log()
-            .into_iter()
-            .filter(|l| !l.starts_with("report"))
-            .collect();
+        let sent = sink.take_sent();
         assert_eq!(sent, ["publish dead-letter:256-0", "publish 256-1"]);
         sink.ack_all(&mut core).unwrap();
         assert_eq!(core.positions().acked(), lsn(0x101));
@@ -1745,11 +1736,7 @@ mod tests {
             .unwrap();
         sink.feed(&mut core, transaction(0x400, &["i", "j"]))
             .unwrap();
-        let sent: Vec<String> = sink
-            .take_log()
-            .into_iter()
-            .filter(|l| !l.starts_with("report"))
-            .collect();
+        let sent = sink.take_sent();
         assert_eq!(
             sent,
             [
@@ -1780,11 +1767,7 @@ mod tests {
         let repeated = events[2].clone();
         events.insert(4, repeated);
         sink.feed(&mut core, events).unwrap();
-        let sent: Vec<String> = sink
-            .take_log()
-            .into_iter()
-            .filter(|l| !l.starts_with("report"))
-            .collect();
+        let sent = sink.take_sent();
         assert_eq!(sent, ["batch 256-0 256-1"]);
         assert_eq!(metric(&stats, "outbox_cdc_events_duplicate_total"), 1.0);
         sink.ack_all(&mut core).unwrap();
